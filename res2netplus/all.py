@@ -1,0 +1,5 @@
+"Everything a user needs: `from res2netplus.all import *` (hand-written, like `fastai.vision.all`)"
+from fastai.vision.all import *
+from res2netplus.layers import *
+from res2netplus.weights import *
+from res2netplus.models import *

@@ -1,0 +1,43 @@
+import os, warnings
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from PIL import Image
+
+warnings.filterwarnings('ignore', message='.*torch.jit.script.*')
+
+def randomize_bn(model, seed=0):
+    "Give every BatchNorm non-trivial statistics and affine terms, keeping residual branches small"
+    g = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            hi = 0.3 if name.endswith('bn3') else 1.5
+            m.weight.data = torch.rand(n, generator=g) * (hi - 0.1) + 0.1
+            m.bias.data = (torch.rand(n, generator=g) - 0.5) * 0.2
+            m.running_mean = (torch.rand(n, generator=g) - 0.5) * 0.4
+            m.running_var = torch.rand(n, generator=g) + 0.5
+    return model
+
+@pytest.fixture(scope='session')
+def image_folder(tmp_path_factory):
+    "A tiny ImageNet-style tree: 2 classes (dark disc / bright square), 12 train and 4 valid images each, 64 px"
+    root = tmp_path_factory.mktemp('imgs')
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    for split, n in (('train', 12), ('valid', 4)):
+        for cls in ('disc', 'square'):
+            d = root/split/cls; d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (64, 64, 3)).astype(np.uint8)
+                cx, cy, r = rng.integers(20, 44, 2).tolist() + [int(rng.integers(8, 14))]
+                mask = ((xx-cx)**2 + (yy-cy)**2 < r*r) if cls == 'disc' else ((abs(xx-cx) < r) & (abs(yy-cy) < r))
+                img[mask] = [230, 200, 40] if cls == 'disc' else [40, 120, 230]
+                Image.fromarray(img).save(d/f'{i}.png')
+    return root
+
+@pytest.fixture(scope='session')
+def dls(image_folder):
+    from fastai.vision.all import ImageDataLoaders
+    return ImageDataLoaders.from_folder(image_folder, valid='valid', bs=8, num_workers=0, seed=0)

@@ -1,0 +1,103 @@
+"fastai integration: vision_learner, unet_learner, splitter/freeze, n_in, export round trip, timm route"
+import subprocess, sys, textwrap
+import numpy as np, pytest, torch
+from pathlib import Path
+from torch import nn
+from fastai.vision.all import (vision_learner, unet_learner, SegmentationDataLoaders, get_image_files, Normalize,
+                               accuracy, set_seed)
+from res2netplus.models import RES2NET_FACTORIES, res2netplus50, res2net50d
+
+ALL = list(RES2NET_FACTORIES)
+
+@pytest.mark.parametrize('name', ALL)
+def test_vision_learner_every_factory(dls, name):
+    learn = vision_learner(dls, RES2NET_FACTORIES[name], pretrained=False)
+    assert len(learn.splitter(learn.model)) == 3
+    assert isinstance(learn.model[0][-1], nn.Sequential) and len(learn.model[0]) == 8  # layer4 kept
+    xb, yb = dls.one_batch()
+    out = learn.model.eval()(xb)
+    assert out.shape == (xb.shape[0], dls.c)
+    assert all(p.requires_grad for p in learn.model.parameters())  # pretrained=False: nothing frozen
+
+def test_vision_learner_fit_lowers_loss(dls):
+    "Training loss on a fixed batch (batch statistics: 3 batches an epoch are too few for running BN stats)"
+    set_seed(0)
+    learn = vision_learner(dls, res2netplus50, pretrained=False, metrics=accuracy)
+    x, y = dls.one_batch()
+    def batch_loss():
+        learn.model.train()
+        with torch.no_grad(): return learn.loss_func(learn.model(x), y).item()
+    before = batch_loss()
+    learn.fit_one_cycle(4, 2e-3)
+    assert batch_loss() < 0.5 * before
+
+def test_freeze_with_weights_file(dls, tmp_path):
+    "weights= a local file works through fastai (offline use) and fastai freezes the body"
+    import safetensors.torch
+    safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'in1k.safetensors')
+    learn = vision_learner(dls, res2netplus50, weights=tmp_path/'in1k.safetensors')
+    groups = learn.splitter(learn.model)
+    assert not any(p.requires_grad for p in groups[0] if p.ndim > 1)
+    assert all(p.requires_grad for p in groups[2])
+    assert any(isinstance(t, Normalize) for t in dls.after_batch.fs)
+
+@pytest.mark.parametrize('name', ALL)
+def test_unet_learner_every_factory(name):
+    path = untar_camvid_like()
+    dls = SegmentationDataLoaders.from_label_func(path, get_image_files(path/'images'), lambda o: path/'labels'/o.name,
+                                                 codes=['bg', 'fg'], bs=2, num_workers=0, valid_pct=0.25, seed=0)
+    learn = unet_learner(dls, RES2NET_FACTORIES[name], pretrained=False, n_out=2)
+    xb, yb = dls.one_batch()
+    assert learn.model.eval()(xb).shape == (2, 2, 64, 64)
+
+_SEG = {}
+def untar_camvid_like():
+    "A tiny segmentation set: images with a bright square, masks of the square"
+    if 'path' in _SEG: return _SEG['path']
+    import tempfile
+    from PIL import Image
+    path = Path(tempfile.mkdtemp()); (path/'images').mkdir(); (path/'labels').mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8); mask = np.zeros((64, 64), np.uint8)
+        x0, y0 = rng.integers(0, 40, 2); img[y0:y0+20, x0:x0+20] = 220; mask[y0:y0+20, x0:x0+20] = 1
+        Image.fromarray(img).save(path/'images'/f'{i}.png'); Image.fromarray(mask).save(path/'labels'/f'{i}.png')
+    _SEG['path'] = path
+    return path
+
+def test_unet_options():
+    path = untar_camvid_like()
+    dls = SegmentationDataLoaders.from_label_func(path, get_image_files(path/'images'), lambda o: path/'labels'/o.name,
+                                                 codes=['bg', 'fg'], bs=2, num_workers=0, valid_pct=0.25, seed=0)
+    learn = unet_learner(dls, res2netplus50, pretrained=False, n_out=2, self_attention=True, blur=True)
+    learn.fit(1, 1e-3)
+    assert learn.model.eval()(dls.one_batch()[0]).shape == (2, 2, 64, 64)
+
+@pytest.mark.parametrize('n_in', [1, 4])
+def test_n_in(dls, n_in):
+    learn = vision_learner(dls, res2netplus50, pretrained=False, n_in=n_in, n_out=3)
+    assert learn.model.eval()(torch.randn(2, n_in, 64, 64)).shape == (2, 3)
+    learn = vision_learner(dls, res2net50d, pretrained=False, n_in=n_in, n_out=3)
+    assert learn.model.eval()(torch.randn(2, n_in, 64, 64)).shape == (2, 3)
+
+def test_timm_string_route(dls):
+    learn = vision_learner(dls, 'res2netplus50', pretrained=False)
+    xb, _ = dls.one_batch()
+    assert learn.model.eval()(xb).shape == (xb.shape[0], 2)
+    learn.fit(1, 1e-3)
+
+def test_export_and_load_learner_in_a_new_process(dls, image_folder, tmp_path):
+    learn = vision_learner(dls, res2netplus50, pretrained=False, path=tmp_path)
+    learn.fit(1, 1e-3)
+    learn.export('export.pkl')
+    img = get_image_files(image_folder/'valid')[0]
+    expected = learn.predict(img)[2].numpy()
+    code = textwrap.dedent(f'''
+        import warnings; warnings.filterwarnings('ignore')
+        import numpy as np
+        from fastai.vision.all import load_learner
+        learn = load_learner({str(tmp_path/'export.pkl')!r})
+        print(learn.predict({str(img)!r})[2].numpy().tolist())''')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_allclose(np.array(eval(out.stdout.strip().splitlines()[-1])), expected, atol=1e-5)

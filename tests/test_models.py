@@ -1,0 +1,98 @@
+"The network against the paper and against timm"
+import pytest, torch, timm
+from torch import nn
+from res2netplus.models import RES2NET_VARIANTS, RES2NET_FACTORIES, create_res2net, Res2Net
+from conftest import randomize_bn
+
+PLAIN = [n for n in RES2NET_VARIANTS if 'plus' not in n]
+PLUS = [n for n in RES2NET_VARIANTS if 'plus' in n]
+
+def n_params(m): return sum(p.numel() for p in m.parameters())
+
+@pytest.mark.parametrize('name', PLAIN)
+def test_param_count_matches_paper(name):
+    assert abs(n_params(RES2NET_FACTORIES[name]()) / 1e6 - RES2NET_VARIANTS[name]['params_m']) <= 0.01
+
+@pytest.mark.parametrize('name', PLAIN)
+def test_same_keys_shapes_and_logits_as_timm(name):
+    ref = randomize_bn(timm.create_model(name)).eval()
+    ours = RES2NET_FACTORIES[name]().eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert (ours(x) - ref(x)).abs().max() <= 1e-4
+
+@pytest.mark.parametrize('name', PLUS)
+def test_plus_variants_are_plus(name):
+    m = RES2NET_FACTORIES[name](n_out=3)
+    assert list(m._modules)[:4] == ['stem1', 'stem2', 'stem3', 'maxpool']
+    assert [m[i][0].out_channels for i in range(3)] == [32, 32, 64]
+    assert any(isinstance(x, nn.Mish) for x in m.modules()) and not any(isinstance(x, nn.ReLU) for x in m.modules())
+    assert isinstance(m.layer2[0].downsample[0], nn.AvgPool2d)  # v1b shortcut
+    # the Plus net differs from its plain twin only by the stem, the conv biases and the ordering
+    block = m.layer1[0]
+    assert block.bn_1st is False and block.conv1.bias is not None and block.conv3.bias is None
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+def test_plus_param_count_is_v1b_plus_biases():
+    "Res2NetPlus-50 = res2net50d + one bias per conv that feeds an activation"
+    plus, d = RES2NET_FACTORIES['res2netplus50'](), RES2NET_FACTORIES['res2net50d']()
+    biases = sum(m.bias.numel() for m in plus.modules() if isinstance(m, nn.Conv2d) and m.bias is not None)
+    assert n_params(plus) == n_params(d) + biases
+
+def test_depths():
+    for name, blocks in (('res2netplus101', [3, 4, 23, 3]), ('res2netplus152', [3, 8, 36, 3])):
+        m = RES2NET_FACTORIES[name]()
+        assert [len(getattr(m, f'layer{i}')) for i in range(1, 5)] == blocks
+
+def test_kwargs_reach_the_network():
+    m = create_res2net('res2netplus50', n_out=4, act_cls=nn.SiLU, stem_szs=(16, 32, 48), in_chans=5, drop_rate=0.3)
+    assert m.stem1[0].in_channels == 5 and m.stem3[0].out_channels == 48 and m.head_drop.p == 0.3
+    assert any(isinstance(x, nn.SiLU) for x in m.modules())
+    assert m(torch.randn(1, 5, 64, 64)).shape == (1, 4)
+
+@pytest.mark.parametrize('bad, msg', [
+    (dict(scale=0), 'scale must be'), (dict(base_width=0), 'base_width'), (dict(cardinality=0), 'cardinality'),
+    (dict(layers=(3, 4, 6)), 'layers'), (dict(stem_type='huge'), 'stem_type'), (dict(drop_path_rate=1.5), 'drop_path_rate'),
+    (dict(n_out=-1), 'num_classes'), (dict(global_pool='median'), 'global_pool')])
+def test_bad_config_says_how_to_fix(bad, msg):
+    with pytest.raises(ValueError, match=msg): RES2NET_FACTORIES['res2netplus50'](**bad)
+
+def test_unknown_variant_suggests():
+    with pytest.raises(ValueError, match="Did you mean 'res2netplus50'"): create_res2net('res2netplus_50')
+
+def test_drop_path_trains_stochastically_and_evals_deterministically():
+    m = RES2NET_FACTORIES['res2netplus50'](n_out=2, drop_path_rate=0.5)
+    for b in m.modules():
+        if hasattr(b, 'zero_init_last'): nn.init.ones_(b.bn3.weight)
+    x = torch.randn(2, 3, 64, 64)
+    m.train(); torch.manual_seed(0); a = m(x); torch.manual_seed(1); b = m(x)
+    assert not torch.allclose(a, b)
+    m.eval()
+    with torch.no_grad(): assert torch.equal(m(x), m(x))
+
+def test_timm_entrypoints():
+    m = timm.create_model('res2netplus50', num_classes=5, in_chans=1, drop_path_rate=0.1)
+    assert isinstance(m, Res2Net) and m(torch.randn(1, 1, 64, 64)).shape == (1, 5)
+    assert m.pretrained_cfg['first_conv'] == 'stem1.0' and m.pretrained_cfg['classifier'] == 'fc'
+    assert m.layer4[-1].drop_path.drop_prob == pytest.approx(0.1)
+    assert set(RES2NET_VARIANTS) - set(PLAIN) <= set(timm.list_models('res2ne*plus*'))
+    x = torch.randn(2, 3, 64, 64)
+    assert m.get_classifier() is m.fc
+    m0 = timm.create_model('res2nextplus50', num_classes=0)
+    assert m0(x).shape == (2, 2048) and m0.forward_head(m0.forward_features(x), pre_logits=True).shape == (2, 2048)
+    m0.reset_classifier(3); assert m0(x).shape == (2, 3)
+
+@pytest.mark.parametrize('name', ['res2netplus50', 'res2netplus101', 'res2nextplus50'])
+def test_features_only(name):
+    f = timm.create_model(name, features_only=True)
+    assert f.feature_info.reduction() == [2, 4, 8, 16, 32]
+    assert f.feature_info.channels() == [64, 256, 512, 1024, 2048]
+    outs = f(torch.randn(1, 3, 96, 96))
+    assert [o.shape[1:] for o in outs] == [(64, 48, 48), (256, 24, 24), (512, 12, 12), (1024, 6, 6), (2048, 3, 3)]
+    f = timm.create_model(name, features_only=True, out_indices=(1, 4))
+    assert [o.shape[1] for o in f(torch.randn(1, 3, 64, 64))] == [256, 2048]
+
+def test_features_of_plain_variant_through_our_factory():
+    f = RES2NET_FACTORIES['res2net50d'](features_only=True)
+    assert f.feature_info.module_name() == ['act1', 'layer1', 'layer2', 'layer3', 'layer4']

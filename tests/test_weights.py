@@ -1,0 +1,107 @@
+"ImageNet weights: timm's cache, local files, the exact v1b → Plus transfer, and errors that name the fix"
+import hashlib, pytest, torch, timm, safetensors.torch
+from torch import nn
+from res2netplus.models import RES2NET_FACTORIES, res2netplus50, res2netplus101, res2net50d, res2net50_26w_4s
+from res2netplus.weights import load_weights, read_weights, transfer_v1b_to_plus
+from conftest import randomize_bn
+
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+@pytest.mark.parametrize('plus, source', [(res2netplus50, 'res2net50d'), (res2netplus101, 'res2net101d')])
+def test_transfer_from_v1b_is_exact_with_relu(plus, source):
+    src = randomize_bn(timm.create_model(source)).eval()
+    dst = plus(act_cls=nn.ReLU).eval()
+    load_weights(dst, src.state_dict())
+    with torch.no_grad():
+        ref, out, untransferred = src(X), dst(X), plus(act_cls=nn.ReLU).eval()(X)
+    assert (ref - untransferred).abs().max() > 1e-2  # the comparison can fail
+    assert (ref - out).abs().max() <= 1e-4
+
+def test_transfer_with_mish_is_a_warm_start_and_bn_1st_copies():
+    src = randomize_bn(timm.create_model('res2net50d')).eval()
+    dst = res2netplus50().eval(); load_weights(dst, src.state_dict())
+    assert torch.equal(dst.layer3[2].conv3.weight, src.layer3[2].conv3.weight)
+    assert torch.allclose(dst.layer2[0].bn1.running_var, torch.full_like(dst.layer2[0].bn1.running_var, 1 - 1e-5))
+    classic = res2netplus50(bn_1st=True, act_cls=nn.ReLU).eval(); load_weights(classic, src.state_dict())
+    assert torch.equal(classic.stem1[1].weight, src.conv1[1].weight)  # BN copied, nothing folded
+    with torch.no_grad(): assert (classic(X) - src(X)).abs().max() <= 1e-4
+
+def test_weights_file_both_formats_roundtrip(tmp_path):
+    src = randomize_bn(res2netplus50(n_out=7)).eval()
+    safetensors.torch.save_file(src.state_dict(), tmp_path/'w.safetensors')
+    torch.save({'state_dict': src.state_dict()}, tmp_path/'w.pth')
+    for f in ('w.safetensors', 'w.pth'):
+        m = res2netplus50(n_out=7, weights=tmp_path/f).eval()
+        with torch.no_grad(): assert torch.equal(m(X), src(X))
+
+def test_v1b_file_into_plus_and_imagenet_head_reinit(tmp_path):
+    src = randomize_bn(timm.create_model('res2net50d')).eval()
+    torch.save(src.state_dict(), tmp_path/'res2net50d_v1b.pth')
+    m = res2netplus50(weights=tmp_path/'res2net50d_v1b.pth', n_out=10, act_cls=nn.ReLU).eval()
+    assert m.fc.out_features == 10
+    with torch.no_grad(): assert (m.forward_features(X) - src.forward_features(X)).abs().max() <= 1e-4
+
+def test_in_chans_adapted_from_rgb_weights(tmp_path):
+    src = randomize_bn(res2net50d()).eval()
+    safetensors.torch.save_file(src.state_dict(), tmp_path/'w.safetensors')
+    m = res2net50d(weights=tmp_path/'w.safetensors', in_chans=1).eval()
+    gray = X.mean(1, keepdim=True)
+    with torch.no_grad():  # timm's adapt_input_conv sums the RGB filters: a grey image gives the same features
+        assert (m(gray) - src(gray.expand(-1, 3, -1, -1))).abs().max() <= 1e-3
+
+def test_pretrained_true_goes_through_timms_hub_cache(tmp_path, monkeypatch):
+    "Put a checkpoint in a Hugging Face cache laid out as timm's hub id `timm/res2net50d.in1k`, offline"
+    import huggingface_hub.constants as C
+    src = randomize_bn(timm.create_model('res2net50d')).eval()
+    snap = tmp_path/'models--timm--res2net50d.in1k'/'snapshots'/('0'*40)
+    snap.mkdir(parents=True)
+    safetensors.torch.save_file(src.state_dict(), snap/'model.safetensors')
+    (tmp_path/'models--timm--res2net50d.in1k'/'refs').mkdir()
+    (tmp_path/'models--timm--res2net50d.in1k'/'refs'/'main').write_text('0'*40)
+    monkeypatch.setattr(C, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr('res2netplus.weights.hub_reachable', lambda *a, **k: False)
+    plain = res2net50d(pretrained=True).eval()
+    plus = res2netplus50(weights='DEFAULT', act_cls=nn.ReLU).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(X), src(X))
+        assert (plus(X) - src(X)).abs().max() <= 1e-4
+
+def test_offline_without_cache_names_the_fix(tmp_path, monkeypatch):
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr('res2netplus.weights.hub_reachable', lambda *a, **k: False)
+    with pytest.raises(RuntimeError, match=r"weights='path/to/res2net50_26w_4s.safetensors'.*pretrained=False"):
+        res2net50_26w_4s(pretrained=True)
+
+def test_mismatched_files_list_the_keys(tmp_path):
+    safetensors.torch.save_file(res2net50_26w_4s().state_dict(), tmp_path/'other_arch.safetensors')
+    with pytest.raises(ValueError, match=r'(?s)missing keys: .*in all.*unexpected keys: .*conv1.weight.*shape mismatches: .*Fix:'):
+        res2netplus50(weights=tmp_path/'other_arch.safetensors')
+    safetensors.torch.save_file(res2netplus50(n_out=10).state_dict(), tmp_path/'ten.safetensors')
+    with pytest.raises(ValueError, match=r'shape mismatches: fc.bias \(10,\) vs \(5,\)'):
+        res2netplus50(weights=tmp_path/'ten.safetensors', n_out=5)
+    with pytest.raises(ValueError, match=r'in_chans=1'):
+        safetensors.torch.save_file(res2net50d(in_chans=1).state_dict(), tmp_path/'gray.safetensors')
+        res2net50d(weights=tmp_path/'gray.safetensors')
+
+def test_truncated_and_foreign_files(tmp_path):
+    torch.save(res2netplus50().state_dict(), tmp_path/'w.pth')
+    data = (tmp_path/'w.pth').read_bytes()
+    (tmp_path/'cut.pth').write_bytes(data[:len(data)//3])
+    with pytest.raises(ValueError, match='truncated'): res2netplus50(weights=tmp_path/'cut.pth')
+    (tmp_path/'note.pth').write_text('not a checkpoint')
+    with pytest.raises(ValueError, match='download it again'): res2netplus50(weights=tmp_path/'note.pth')
+    with pytest.raises(FileNotFoundError, match='pretrained=False'): res2netplus50(weights=tmp_path/'missing.pth')
+
+def test_pickles_are_not_executed(tmp_path):
+    "weights_only loading refuses arbitrary objects"
+    class Evil:
+        def __reduce__(self): return (print, ('pwned',))
+    torch.save({'model': Evil()}, tmp_path/'evil.pth')
+    with pytest.raises(ValueError, match='Could not read'): read_weights(tmp_path/'evil.pth')
+
+def test_sha256_check(tmp_path):
+    safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'w.safetensors')
+    digest = hashlib.sha256((tmp_path/'w.safetensors').read_bytes()).hexdigest()
+    assert read_weights(tmp_path/'w.safetensors', sha256=digest[:16])
+    with pytest.raises(ValueError, match='sha256'): read_weights(tmp_path/'w.safetensors', sha256='deadbeef')
