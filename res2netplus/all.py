@@ -3,3 +3,4 @@ from fastai.vision.all import *
 from res2netplus.layers import *
 from res2netplus.weights import *
 from res2netplus.models import *
+from res2netplus.data import *

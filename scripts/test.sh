@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONWARNINGS=ignore::FutureWarning
 echo "== notebooks (nbdev-test)"
-nbdev-test --n_workers 2
+nbdev-test --n-workers 2
 echo "== tests/ (pytest)"
 python3 -m pytest tests -q -p no:cacheprovider
