@@ -5,6 +5,7 @@
 # %% ../nbs/03_data.ipynb #f56e1283
 from __future__ import annotations
 import os
+from importlib.resources import files
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -16,6 +17,7 @@ __all__ = ['IMAGE_EXTENSIONS', 'default_cache_dir', 'fashion_mnist_sample', 'che
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif'}
 
 def default_cache_dir() -> Path:
+    "Where the package writes data: `$RES2NETPLUS_HOME`, else `~/.cache/res2netplus`"
     return Path(os.environ.get('RES2NETPLUS_HOME', Path.home()/'.cache'/'res2netplus'))
 
 def fashion_mnist_sample(dest=None) -> Path:
@@ -23,8 +25,7 @@ def fashion_mnist_sample(dest=None) -> Path:
     dest = Path(dest) if dest is not None else default_cache_dir()/'fashion_mnist_2500'
     done = dest/'.complete'
     if done.exists(): return dest
-    import res2netplus.data as here
-    data = np.load(Path(here.__file__).parent/'data'/'fashion_mnist_2500.npz')
+    data = np.load(files('res2netplus')/'data'/'fashion_mnist_2500.npz')
     classes = [str(c) for c in data['classes']]
     for split in ('train', 'valid'):
         for i, (img, label) in enumerate(zip(data[f'{split}_images'], data[f'{split}_labels'])):

@@ -58,6 +58,7 @@ def _check_positive_ints(name, values, n=None):
 
 class Res2Net(nn.Sequential):
     "Res2Net, Res2NeXt and Res2NetPlus: an `nn.Sequential` of named stem layers, four stages and a classifier head"
+    min_size = 32  # the output stride: smaller images leave the last stage nothing but padding
     def __init__(self, layers=(3, 4, 6, 3), base_width:int=26, scale:int=4, cardinality:int=1, stem_type:str='',
                  stem_szs=(32, 32, 64), avg_down:bool=False, act_cls=nn.ReLU, bn_1st:bool=True, in_chans:int=3,
                  num_classes:int=1000, drop_rate:float=0., drop_path_rate:float=0., global_pool:str='avg',
@@ -115,8 +116,8 @@ class Res2Net(nn.Sequential):
         if x.shape[1] != self.in_chans:
             raise ValueError(f"{name} was built for {self.in_chans}-channel images but got {x.shape[1]} channels. "
                              f"Create it with in_chans={x.shape[1]} (fastai learners: n_in={x.shape[1]}), or convert the images.")
-        if min(x.shape[-2:]) < 32:
-            raise ValueError(f"{name} needs images of at least 32×32 px (its output stride), got {tuple(x.shape[-2:])}. "
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(f"{name} needs images of at least {self.min_size}×{self.min_size} px (its output stride), got {tuple(x.shape[-2:])}. "
                              "Resize them, e.g. item_tfms=Resize(64) in fastai.")
 
     def forward_features(self, x):
@@ -183,31 +184,29 @@ def _cfg(name:str) -> dict:
     stem = row['arch'].get('stem_type', '')
     return dict(url='', hf_hub_id=f"timm/{name}.in1k" if row['imagenet'] == name else None,
                 num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation='bilinear',
-                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, license='apache-2.0', classifier='fc',
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, license='unknown', classifier='fc',
                 first_conv={'': 'conv1', 'deep': 'conv1.0', 'xresnet': 'stem1.0'}[stem], architecture=name)
 
 # %% ../nbs/02_models.ipynb #59a5fb8d
-_TIMM_ONLY = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
-
-def _build_res2net(variant:str, pretrained:bool, weights, **kwargs) -> Res2Net:
+def _build_res2net(variant:str, pretrained:bool, weights, cache_dir, **kwargs) -> Res2Net:
     row = variant_row(variant)
     model = Res2Net(**{**row['arch'], **kwargs})
     if weights is not None: load_weights(model, read_weights(weights), source=f'weights file {weights}')
-    elif pretrained: load_weights(model, fetch_imagenet_weights(row['imagenet']), source=f"{row['imagenet']} ImageNet weights")
+    elif pretrained:
+        load_weights(model, fetch_imagenet_weights(row['imagenet'], cache_dir), source=f"{row['imagenet']} ImageNet weights")
     return model
 
 def create_res2net(variant:str, pretrained:bool=False, weights=None, n_out:int=1000, **kwargs) -> Res2Net:
     "Build `variant` (kwargs override its configuration) with ImageNet weights (`pretrained`) or a local file (`weights`)"
     row = variant_row(variant)
     if isinstance(weights, str) and weights.upper() == 'DEFAULT': pretrained, weights = True, None
-    timm_kwargs = {k: kwargs.pop(k) for k in _TIMM_ONLY if k in kwargs}
-    weights = weights if weights is not None else (timm_kwargs.get('pretrained_cfg_overlay') or {}).get('file')
+    cfg, overlay, cache_dir = kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None), kwargs.pop('cache_dir', None)
+    if pretrained and weights is None and (overlay or {}).get('file'): weights = overlay['file']  # timm's way to name a local file
     if pretrained and weights is None and row['imagenet'] is None:
         raise ValueError(f"No ImageNet weights exist for {variant}. Use pretrained=False for random init, or pass "
                          "weights='path/to/checkpoint' saved from this variant.")
     kwargs.setdefault('num_classes', n_out)
-    cfg = timm_kwargs.get('pretrained_cfg')
-    return build_model_with_cfg(partial(_build_res2net, variant, pretrained, weights), variant, pretrained=False,
+    return build_model_with_cfg(partial(_build_res2net, variant, pretrained, weights, cache_dir), variant, pretrained=False,
                                 pretrained_cfg=cfg if isinstance(cfg, dict) else _cfg(variant), **kwargs)
 
 # %% ../nbs/02_models.ipynb #0221f8ab

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 import timm
 from timm.models import load_state_dict as timm_load_state_dict, adapt_input_conv
+from .layers import Bottle2neck
 
 # %% auto #0
-__all__ = ['V1B_STEM', 'IMAGENET_CLASSES', 'read_weights', 'hub_reachable', 'hub_offline', 'fetch_imagenet_weights', 'fold_bn',
-           'identity_bn_state', 'is_v1b_state_dict', 'transfer_v1b_to_plus', 'first_conv_name', 'load_weights']
+__all__ = ['V1B_STEM', 'IMAGENET_CLASSES', 'read_weights', 'hub_reachable', 'hub_offline', 'WeightsUnavailableError',
+           'fetch_imagenet_weights', 'fold_bn', 'identity_bn_state', 'is_v1b_state_dict', 'transfer_v1b_to_plus',
+           'first_conv_name', 'load_weights']
 
 # %% ../nbs/01_weights.ipynb #16313816
 def read_weights(path, sha256:str|None=None) -> dict:
@@ -25,7 +27,10 @@ def read_weights(path, sha256:str|None=None) -> dict:
         raise FileNotFoundError(f"Weights file {str(path)!r} not found. Pass the path of a .safetensors or .pth file "
                                 "(on Kaggle: attach it as a dataset), or pretrained=False for random init.")
     if sha256 is not None:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        h = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
+        digest = h.hexdigest()
         if not digest.startswith(sha256.lower()):
             raise ValueError(f"sha256 of {path} is {digest}, expected {sha256}: the file is corrupt or not the one "
                              "you meant. Download it again.")
@@ -54,13 +59,16 @@ def hub_offline():
     try: yield
     finally: constants.HF_HUB_OFFLINE = old
 
-def fetch_imagenet_weights(timm_name:str) -> dict:
+class WeightsUnavailableError(RuntimeError):
+    "ImageNet weights could not be fetched (offline and not cached, or the download failed)"
+
+def fetch_imagenet_weights(timm_name:str, cache_dir=None) -> dict:
     "ImageNet state dict of timm model `timm_name`, through timm's hub id and cache (cache only when offline)"
     try:
         with (nullcontext() if hub_reachable() else hub_offline()):
-            return timm.create_model(timm_name, pretrained=True).state_dict()
+            return timm.create_model(timm_name, pretrained=True, cache_dir=cache_dir).state_dict()
     except Exception as e:
-        raise RuntimeError(f"Could not fetch the ImageNet weights of {timm_name} through timm (hub id "
+        raise WeightsUnavailableError(f"Could not fetch the ImageNet weights of {timm_name} through timm (hub id "
                            f"timm/{timm_name}.in1k): {type(e).__name__}: {e}. Offline (Kaggle without internet)? "
                            f"Attach the checkpoint file and pass weights='path/to/{timm_name}.safetensors', "
                            "or use pretrained=False for random init.") from None
@@ -109,12 +117,10 @@ def transfer_v1b_to_plus(sd:dict, model:nn.Module) -> dict:
     for (src_conv, src_bn), dst in zip(V1B_STEM, stem):
         bn_idx = 1 if f'{dst}.1.weight' in target else 2
         put(src_conv, src_bn, f'{dst}.0', f'{dst}.{bn_idx}')
-    for k in target:
-        if not k.endswith('.weight'): continue
-        name = k[:-len('.weight')]
-        parts = name.rsplit('.', 2)
-        if name.endswith('.conv1'): put(name, name[:-len('conv1')]+'bn1', name, name[:-len('conv1')]+'bn1')
-        elif len(parts) == 3 and parts[1] == 'convs': put(name, f'{parts[0]}.bns.{parts[2]}', name, f'{parts[0]}.bns.{parts[2]}')
+    for name, block in model.named_modules():
+        if isinstance(block, Bottle2neck):
+            put(f'{name}.conv1', f'{name}.bn1', f'{name}.conv1', f'{name}.bn1')
+            for k in range(len(block.convs)): put(f'{name}.convs.{k}', f'{name}.bns.{k}', f'{name}.convs.{k}', f'{name}.bns.{k}')
     for k, v in sd.items():
         if k not in used and k not in out: out[k] = v
     return out
@@ -142,14 +148,11 @@ def load_weights(model:nn.Module, state_dict:dict, source:str='the checkpoint') 
             raise ValueError(f"{source} was trained on {sd[first].shape[1]}-channel input but the model takes "
                              f"{target[first].shape[1]} channels: create the model with in_chans={sd[first].shape[1]}.")
         sd[first] = adapt_input_conv(target[first].shape[1], sd[first])
-    fc_w = [k for k in sd if k.endswith('.weight') and k.rsplit('.', 1)[0] == 'fc']
-    for k in fc_w:
-        head = k.rsplit('.', 1)[0]
-        heads = [f'{head}.weight', f'{head}.bias']
-        if k not in target:  # the model has no classifier (num_classes=0): features only
-            for h in heads: sd.pop(h, None)
-        elif sd[k].shape != target[k].shape and sd[k].shape[0] == IMAGENET_CLASSES:
-            for h in heads: sd.pop(h, None); sd[h] = target[h]  # new task: keep the fresh head
+    head = ('fc.weight', 'fc.bias')
+    if 'fc.weight' in sd and 'fc.weight' not in target:  # the model has no classifier (num_classes=0)
+        for k in head: sd.pop(k, None)
+    elif 'fc.weight' in sd and sd['fc.weight'].shape != target['fc.weight'].shape and len(sd['fc.weight']) == IMAGENET_CLASSES:
+        sd.update({k: target[k] for k in head if k in target})  # ImageNet head, new task: keep the fresh head
     missing = set(target) - set(sd)
     unexpected = set(sd) - set(target)
     mismatched = {k for k in set(sd) & set(target) if sd[k].shape != target[k].shape}

@@ -2,7 +2,7 @@
 import hashlib, pytest, torch, timm, safetensors.torch
 from torch import nn
 from res2netplus.models import RES2NET_FACTORIES, res2netplus50, res2netplus101, res2net50d, res2net50_26w_4s
-from res2netplus.weights import load_weights, read_weights, transfer_v1b_to_plus
+from res2netplus.weights import load_weights, read_weights, WeightsUnavailableError
 from conftest import randomize_bn
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -49,28 +49,46 @@ def test_in_chans_adapted_from_rgb_weights(tmp_path):
     with torch.no_grad():  # timm's adapt_input_conv sums the RGB filters: a grey image gives the same features
         assert (m(gray) - src(gray.expand(-1, 3, -1, -1))).abs().max() <= 1e-3
 
-def test_pretrained_true_goes_through_timms_hub_cache(tmp_path, monkeypatch):
-    "Put a checkpoint in a Hugging Face cache laid out as timm's hub id `timm/res2net50d.in1k`, offline"
-    import huggingface_hub.constants as C
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    "An offline Hugging Face cache holding a checkpoint under timm's hub id `timm/res2net50d.in1k`; returns (folder, source net)"
     src = randomize_bn(timm.create_model('res2net50d')).eval()
-    snap = tmp_path/'models--timm--res2net50d.in1k'/'snapshots'/('0'*40)
-    snap.mkdir(parents=True)
-    safetensors.torch.save_file(src.state_dict(), snap/'model.safetensors')
-    (tmp_path/'models--timm--res2net50d.in1k'/'refs').mkdir()
-    (tmp_path/'models--timm--res2net50d.in1k'/'refs'/'main').write_text('0'*40)
-    monkeypatch.setattr(C, 'HF_HUB_CACHE', str(tmp_path))
+    repo = tmp_path/'hub'/'models--timm--res2net50d.in1k'
+    (repo/'snapshots'/('0'*40)).mkdir(parents=True); (repo/'refs').mkdir()
+    safetensors.torch.save_file(src.state_dict(), repo/'snapshots'/('0'*40)/'model.safetensors')
+    (repo/'refs'/'main').write_text('0'*40)
     monkeypatch.setattr('res2netplus.weights.hub_reachable', lambda *a, **k: False)
+    return tmp_path/'hub', src
+
+def test_pretrained_true_goes_through_timms_hub_cache(hub_cache, monkeypatch):
+    import huggingface_hub.constants as C
+    folder, src = hub_cache
+    monkeypatch.setattr(C, 'HF_HUB_CACHE', str(folder))
     plain = res2net50d(pretrained=True).eval()
     plus = res2netplus50(weights='DEFAULT', act_cls=nn.ReLU).eval()
     with torch.no_grad():
         assert torch.equal(plain(X), src(X))
         assert (plus(X) - src(X)).abs().max() <= 1e-4
 
+def test_cache_dir_is_passed_to_timm(hub_cache):
+    folder, src = hub_cache
+    m = timm.create_model('res2netplus50', pretrained=True, cache_dir=folder, act_cls=nn.ReLU).eval()
+    with torch.no_grad(): assert (m(X) - src(X)).abs().max() <= 1e-4
+
+def test_timm_pretrained_cfg_overlay_file(tmp_path):
+    src = randomize_bn(timm.create_model('res2net50d')).eval()
+    safetensors.torch.save_file(src.state_dict(), tmp_path/'v1b.safetensors')
+    m = timm.create_model('res2netplus50', pretrained=True, act_cls=nn.ReLU,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path/'v1b.safetensors'))).eval()
+    with torch.no_grad(): assert (m(X) - src(X)).abs().max() <= 1e-4
+    fresh = timm.create_model('res2netplus50', pretrained=False, pretrained_cfg_overlay=dict(file=str(tmp_path/'v1b.safetensors')))
+    assert not torch.equal(fresh.layer1[0].conv3.weight, m.layer1[0].conv3.weight)  # as in timm: no file without pretrained
+
 def test_offline_without_cache_names_the_fix(tmp_path, monkeypatch):
     import huggingface_hub.constants as C
     monkeypatch.setattr(C, 'HF_HUB_CACHE', str(tmp_path))
     monkeypatch.setattr('res2netplus.weights.hub_reachable', lambda *a, **k: False)
-    with pytest.raises(RuntimeError, match=r"weights='path/to/res2net50_26w_4s.safetensors'.*pretrained=False"):
+    with pytest.raises(WeightsUnavailableError, match=r"weights='path/to/res2net50_26w_4s.safetensors'.*pretrained=False"):
         res2net50_26w_4s(pretrained=True)
 
 def test_mismatched_files_list_the_keys(tmp_path):
@@ -80,9 +98,8 @@ def test_mismatched_files_list_the_keys(tmp_path):
     safetensors.torch.save_file(res2netplus50(n_out=10).state_dict(), tmp_path/'ten.safetensors')
     with pytest.raises(ValueError, match=r'shape mismatches: fc.bias \(10,\) vs \(5,\)'):
         res2netplus50(weights=tmp_path/'ten.safetensors', n_out=5)
-    with pytest.raises(ValueError, match=r'in_chans=1'):
-        safetensors.torch.save_file(res2net50d(in_chans=1).state_dict(), tmp_path/'gray.safetensors')
-        res2net50d(weights=tmp_path/'gray.safetensors')
+    safetensors.torch.save_file(res2net50d(in_chans=1).state_dict(), tmp_path/'gray.safetensors')
+    with pytest.raises(ValueError, match=r'in_chans=1'): res2net50d(weights=tmp_path/'gray.safetensors')
 
 def test_truncated_and_foreign_files(tmp_path):
     torch.save(res2netplus50().state_dict(), tmp_path/'w.pth')
