@@ -4,8 +4,9 @@
 
 # %% ../nbs/09_cli.ipynb #96b97b83
 from __future__ import annotations
-import argparse, json, sys, time
+import argparse, inspect, json, sys, time
 from pathlib import Path
+from .weights import WeightsUnavailableError
 
 # %% auto #0
 __all__ = ['train', 'predict', 'main']
@@ -16,10 +17,10 @@ def train(data=None, arch:str='res2netplus50', size:int=64, bs:int=64, epochs:in
     "Train `arch` on an image folder tree (`data`) or the bundled Fashion-MNIST subset; write the results to `out`"
     import safetensors.torch
     from fastai.vision.all import ImageDataLoaders, Resize, aug_transforms, vision_learner, accuracy, CSVLogger, set_seed
-    from res2netplus.models import RES2NET_FACTORIES, variant_row
+    from res2netplus.models import RES2NET_FACTORIES, Res2Net, variant_row
     from res2netplus.data import fashion_mnist_sample, check_image_folder
     variant_row(arch)
-    if size < 32: raise ValueError(f"--size {size} is smaller than the network's stride: use --size 32 or more.")
+    if size < Res2Net.min_size: raise ValueError(f"--size {size} is smaller than the network's stride: use --size {Res2Net.min_size} or more.")
     path = Path(data) if data else fashion_mnist_sample()
     classes = check_image_folder(path)
     set_seed(seed, reproducible=True)
@@ -60,21 +61,22 @@ def predict(model, images, k:int=3) -> list:
     return results
 
 # %% ../nbs/09_cli.ipynb #67e43d29
+_TRAIN_HELP = dict(data='folder with train/<class>/… and valid/<class>/…; none: the bundled Fashion-MNIST subset',
+                   arch='a variant, e.g. res2netplus50, res2net50d', size='image size in pixels', bs='batch size',
+                   epochs='epochs', lr='learning rate; 0 to find it with lr_find', pretrained='start from ImageNet weights (through timm)',
+                   weights='local .pth/.safetensors checkpoint to start from (offline)', out='folder for the results',
+                   seed='random seed', workers='data loader processes (default: fastai\'s)')
+
+_TRAIN_TYPES = dict(size=int, bs=int, epochs=int, lr=float, seed=int, workers=int)
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='res2netplus', description='Res2Net / Res2NetPlus for fastai')
     sub = p.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train', help='train a classifier (no --data: the bundled Fashion-MNIST subset)')
-    t.add_argument('--data', help='folder with train/<class>/… and valid/<class>/…')
-    t.add_argument('--arch', default='res2netplus50')
-    t.add_argument('--size', type=int, default=64)
-    t.add_argument('--bs', type=int, default=64)
-    t.add_argument('--epochs', type=int, default=3)
-    t.add_argument('--lr', type=float, default=2e-3, help='learning rate; 0 to find it with lr_find')
-    t.add_argument('--pretrained', action='store_true', help='start from ImageNet weights (through timm)')
-    t.add_argument('--weights', help='local .pth/.safetensors checkpoint to start from (offline)')
-    t.add_argument('--out', default='runs/res2netplus')
-    t.add_argument('--seed', type=int, default=42)
-    t.add_argument('--workers', type=int, default=None)
+    t = sub.add_parser('train', help='train a classifier (no --data: the bundled Fashion-MNIST subset)',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, prm in inspect.signature(train).parameters.items():  # one source for names and defaults
+        if prm.default is False: t.add_argument(f'--{name}', action='store_true', help=_TRAIN_HELP.get(name))
+        else: t.add_argument(f'--{name}', type=_TRAIN_TYPES.get(name, str), default=prm.default, help=_TRAIN_HELP.get(name))
     q = sub.add_parser('predict', help='top-k classes of images, as JSON')
     q.add_argument('--model', required=True, help='export.pkl written by train')
     q.add_argument('-k', type=int, default=3)
@@ -85,12 +87,12 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == 'train':
-            res = train(args.data, args.arch, args.size, args.bs, args.epochs, args.lr or None, args.pretrained,
-                        args.weights, args.out, args.seed, args.workers)
+            kwargs = {k: v for k, v in vars(args).items() if k != 'command'}
+            res = train(**{**kwargs, 'lr': args.lr or None})
             print(f"valid accuracy {res['accuracy']:.4f}, loss {res['valid_loss']:.4f} after {res['epochs']} epochs "
                   f"({res['train_seconds']} s); results in {args.out}")
         else: print(json.dumps(predict(args.model, args.images, args.k), indent=2))
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, OSError, WeightsUnavailableError) as e:  # bad input; anything else is a bug: show its traceback
         print(f"res2netplus: error: {e}", file=sys.stderr)
         return 2
     return 0
