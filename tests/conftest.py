@@ -41,3 +41,16 @@ def image_folder(tmp_path_factory):
 def dls(image_folder):
     from fastai.vision.all import ImageDataLoaders
     return ImageDataLoaders.from_folder(image_folder, valid='valid', bs=8, num_workers=0, seed=0)
+
+@pytest.fixture(scope='session')
+def seg_dls(tmp_path_factory):
+    "A tiny segmentation set: 8 images of 64 px with a bright square, masks of the square, batches of 2"
+    from fastai.vision.all import SegmentationDataLoaders, get_image_files
+    path = tmp_path_factory.mktemp('seg'); (path/'images').mkdir(); (path/'labels').mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8); mask = np.zeros((64, 64), np.uint8)
+        x0, y0 = rng.integers(0, 40, 2); img[y0:y0+20, x0:x0+20] = 220; mask[y0:y0+20, x0:x0+20] = 1
+        Image.fromarray(img).save(path/'images'/f'{i}.png'); Image.fromarray(mask).save(path/'labels'/f'{i}.png')
+    return SegmentationDataLoaders.from_label_func(path, get_image_files(path/'images'), lambda o: path/'labels'/o.name,
+                                                   codes=['bg', 'fg'], bs=2, num_workers=0, valid_pct=0.25, seed=0)

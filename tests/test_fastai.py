@@ -1,10 +1,8 @@
 "fastai integration: vision_learner, unet_learner, splitter/freeze, n_in, export round trip, timm route"
 import subprocess, sys, textwrap
 import numpy as np, pytest, torch
-from pathlib import Path
 from torch import nn
-from fastai.vision.all import (vision_learner, unet_learner, SegmentationDataLoaders, get_image_files, Normalize,
-                               accuracy, set_seed)
+from fastai.vision.all import vision_learner, unet_learner, get_image_files, Normalize, accuracy, set_seed
 from res2netplus.models import RES2NET_FACTORIES, res2netplus50, res2net50d
 
 ALL = list(RES2NET_FACTORIES)
@@ -42,36 +40,15 @@ def test_freeze_with_weights_file(dls, tmp_path):
     assert any(isinstance(t, Normalize) for t in dls.after_batch.fs)
 
 @pytest.mark.parametrize('name', ALL)
-def test_unet_learner_every_factory(name):
-    path = untar_camvid_like()
-    dls = SegmentationDataLoaders.from_label_func(path, get_image_files(path/'images'), lambda o: path/'labels'/o.name,
-                                                 codes=['bg', 'fg'], bs=2, num_workers=0, valid_pct=0.25, seed=0)
-    learn = unet_learner(dls, RES2NET_FACTORIES[name], pretrained=False, n_out=2)
-    xb, yb = dls.one_batch()
+def test_unet_learner_every_factory(seg_dls, name):
+    learn = unet_learner(seg_dls, RES2NET_FACTORIES[name], pretrained=False, n_out=2)
+    xb, yb = seg_dls.one_batch()
     assert learn.model.eval()(xb).shape == (2, 2, 64, 64)
 
-_SEG = {}
-def untar_camvid_like():
-    "A tiny segmentation set: images with a bright square, masks of the square"
-    if 'path' in _SEG: return _SEG['path']
-    import tempfile
-    from PIL import Image
-    path = Path(tempfile.mkdtemp()); (path/'images').mkdir(); (path/'labels').mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8); mask = np.zeros((64, 64), np.uint8)
-        x0, y0 = rng.integers(0, 40, 2); img[y0:y0+20, x0:x0+20] = 220; mask[y0:y0+20, x0:x0+20] = 1
-        Image.fromarray(img).save(path/'images'/f'{i}.png'); Image.fromarray(mask).save(path/'labels'/f'{i}.png')
-    _SEG['path'] = path
-    return path
-
-def test_unet_options():
-    path = untar_camvid_like()
-    dls = SegmentationDataLoaders.from_label_func(path, get_image_files(path/'images'), lambda o: path/'labels'/o.name,
-                                                 codes=['bg', 'fg'], bs=2, num_workers=0, valid_pct=0.25, seed=0)
-    learn = unet_learner(dls, res2netplus50, pretrained=False, n_out=2, self_attention=True, blur=True)
+def test_unet_options(seg_dls):
+    learn = unet_learner(seg_dls, res2netplus50, pretrained=False, n_out=2, self_attention=True, blur=True)
     learn.fit(1, 1e-3)
-    assert learn.model.eval()(dls.one_batch()[0]).shape == (2, 2, 64, 64)
+    assert learn.model.eval()(seg_dls.one_batch()[0]).shape == (2, 2, 64, 64)
 
 @pytest.mark.parametrize('n_in', [1, 4])
 def test_n_in(dls, n_in):
