@@ -4,3 +4,5 @@ from res2netplus.layers import *
 from res2netplus.weights import *
 from res2netplus.models import *
 from res2netplus.data import *
+from res2netplus.augment import *
+from res2netplus.learner import *

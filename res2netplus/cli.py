@@ -12,34 +12,65 @@ from .weights import WeightsUnavailableError
 __all__ = ['train', 'predict', 'main']
 
 # %% ../nbs/09_cli.ipynb #7f3d8025
-def train(data=None, arch:str='res2netplus50', size:int=64, bs:int=64, epochs:int=3, lr:float|None=2e-3,
-          pretrained:bool=False, weights=None, out='runs/res2netplus', seed:int=42, workers:int|None=None) -> dict:
-    "Train `arch` on an image folder tree (`data`) or the bundled Fashion-MNIST subset; write the results to `out`"
-    import safetensors.torch
-    from fastai.vision.all import ImageDataLoaders, Resize, aug_transforms, vision_learner, accuracy, CSVLogger, set_seed
-    from res2netplus.models import RES2NET_FACTORIES, Res2Net, variant_row
-    from res2netplus.data import fashion_mnist_sample, check_image_folder
-    variant_row(arch)
-    if size < Res2Net.min_size: raise ValueError(f"--size {size} is smaller than the network's stride: use --size {Res2Net.min_size} or more.")
-    path = Path(data) if data else fashion_mnist_sample()
+def _dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
+    "Folder tree or CSV → DataLoaders with the recommended training augmentation; also the class names"
+    from fastai.vision.all import ImageDataLoaders, Resize
+    from res2netplus.augment import AlbumentationsTransform, res2netplus_augs
+    from res2netplus.data import check_image_folder, check_image_csv
+    kw = dict(item_tfms=[AlbumentationsTransform(res2netplus_augs(size)), Resize(size)], bs=bs, seed=seed,
+              **({} if workers is None else {'num_workers': workers}))
+    if path.is_file():
+        df = check_image_csv(path)
+        valid = dict(valid_col='is_valid') if 'is_valid' in df else dict(valid_pct=0.2)
+        dls = ImageDataLoaders.from_df(df, path.parent, fn_col='fname', label_col='label', **valid, **kw)
+        missing = sorted(set(dls.vocab) - {dls.vocab[int(y)] for _, y in dls.valid_ds})
+        if missing: raise ValueError(f"Classes missing from the validation rows of {path}: {', '.join(map(str, missing))}. Give them is_valid rows, so they can be measured.")
+        return dls, [str(c) for c in dls.vocab]
     classes = check_image_folder(path)
+    return ImageDataLoaders.from_folder(path, train='train', valid='valid', **kw), classes
+
+def _plots(learn, out:Path):
+    "Loss curves, confusion matrix and top losses as PNGs"
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from fastai.vision.all import ClassificationInterpretation
+    learn.recorder.plot_loss(); plt.gcf().savefig(out/'loss.png', dpi=100, bbox_inches='tight'); plt.close('all')
+    with learn.no_bar(): interp = ClassificationInterpretation.from_learner(learn)
+    interp.plot_confusion_matrix(figsize=(8, 8)); plt.gcf().savefig(out/'confusion_matrix.png', dpi=100, bbox_inches='tight'); plt.close('all')
+    interp.plot_top_losses(min(9, len(learn.dls.valid_ds)), nrows=3); plt.gcf().savefig(out/'top_losses.png', dpi=100, bbox_inches='tight'); plt.close('all')
+
+def train(data=None, arch:str='res2netplus50', size:int=64, bs:int=64, epochs:int=3, lr:float|None=None, mix:str='cutmix',
+          pretrained:bool=False, weights=None, out='runs/res2netplus', seed:int=42, workers:int|None=None) -> dict:
+    "Train `arch` with the recipe on an image folder tree or CSV (`data`), or the bundled Fashion-MNIST subset; write the results to `out`"
+    import safetensors.torch
+    from fastai.vision.all import CSVLogger, set_seed
+    from res2netplus.models import Res2Net, variant_row
+    from res2netplus.data import fashion_mnist_sample
+    from res2netplus.learner import res2netplus_learner, RECIPE
+    from res2netplus.augment import mix_callback
+    variant_row(arch); mix_callback(mix)  # a bad name fails here, before any data is read
+    if size < Res2Net.min_size: raise ValueError(f"--size {size} is smaller than the network's stride: use --size {Res2Net.min_size} or more.")
+    path = Path(data).expanduser() if data else fashion_mnist_sample()
     set_seed(seed, reproducible=True)
-    dls = ImageDataLoaders.from_folder(path, train='train', valid='valid', item_tfms=Resize(size), bs=bs, seed=seed,
-                                       batch_tfms=aug_transforms(size=size, max_warp=0.), **({} if workers is None else {'num_workers': workers}))
+    dls, classes = _dataloaders(path, size, bs, seed, workers)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     pretrained = pretrained or weights is not None
-    learn = vision_learner(dls, RES2NET_FACTORIES[arch], pretrained=pretrained, weights=weights, metrics=accuracy,
-                           path=out, model_dir='.', cbs=CSVLogger(fname='metrics.csv'))
-    if lr is None: lr = learn.lr_find(show_plot=False).valley
+    learn = res2netplus_learner(dls, arch, mix=mix, pretrained=pretrained, weights=weights, path=out, model_dir='.',
+                                cbs=CSVLogger(fname='metrics.csv'))
+    if lr == 0:
+        lr = learn.lr_find(show_plot=False).valley
+        print(f"lr_find: {lr:.2e}")
+    lr = lr or RECIPE['lr']
     start = time.time()
-    if pretrained: learn.fine_tune(epochs, lr)
-    else: learn.fit_one_cycle(epochs, lr)
+    learn.fit_recipe(epochs, lr)
+    seconds = round(time.time() - start, 1)
     learn.remove_cb(CSVLogger)  # it holds a closed file, which cannot be pickled
     _, valid_loss, acc = learn.recorder.values[-1]  # the last epoch's metrics (validate() would rewrite the CSV)
+    _plots(learn, out)
     learn.export('export.pkl')
     safetensors.torch.save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, out/'model.safetensors')
-    result = dict(arch=arch, data=str(path), classes=classes, epochs=epochs, size=size, bs=bs, lr=float(lr),
-                  valid_loss=float(valid_loss), accuracy=float(acc), train_seconds=round(time.time() - start, 1))
+    result = dict(arch=arch, data=str(path), classes=classes, epochs=epochs, size=size, bs=bs, lr=float(lr), mix=mix,
+                  valid_loss=float(valid_loss), accuracy=float(acc), train_seconds=seconds)
     (out/'metrics.json').write_text(json.dumps(result, indent=2))
     return result
 
@@ -61,9 +92,9 @@ def predict(model, images, k:int=3) -> list:
     return results
 
 # %% ../nbs/09_cli.ipynb #67e43d29
-_TRAIN_HELP = dict(data='folder with train/<class>/… and valid/<class>/…; none: the bundled Fashion-MNIST subset',
+_TRAIN_HELP = dict(data='folder with train/<class>/… and valid/<class>/…, or a CSV with fname,label[,is_valid] columns; none: the bundled Fashion-MNIST subset',
                    arch='a variant, e.g. res2netplus50, res2net50d', size='image size in pixels', bs='batch size',
-                   epochs='epochs', lr='learning rate; 0 to find it with lr_find', pretrained='start from ImageNet weights (through timm)',
+                   epochs='epochs', lr="learning rate (default: the recipe's); 0 to find it with lr_find", mix='mixing: cutmix, mixup, both or none', pretrained='start from ImageNet weights (through timm)',
                    weights='local .pth/.safetensors checkpoint to start from (offline)', out='folder for the results',
                    seed='random seed', workers='data loader processes (default: fastai\'s)')
 
@@ -88,7 +119,7 @@ def main(argv=None) -> int:
     try:
         if args.command == 'train':
             kwargs = {k: v for k, v in vars(args).items() if k != 'command'}
-            res = train(**{**kwargs, 'lr': args.lr or None})
+            res = train(**kwargs)
             print(f"valid accuracy {res['accuracy']:.4f}, loss {res['valid_loss']:.4f} after {res['epochs']} epochs "
                   f"({res['train_seconds']} s); results in {args.out}")
         else: print(json.dumps(predict(args.model, args.images, args.k), indent=2))

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'default_cache_dir', 'fashion_mnist_sample', 'check_image_folder']
+__all__ = ['IMAGE_EXTENSIONS', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'default_cache_dir', 'fashion_mnist_sample',
+           'read_idx', 'load_fashion_mnist', 'fashion_mnist_subset', 'check_image_folder', 'check_image_csv']
 
 # %% ../nbs/03_data.ipynb #a59fb241
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif'}
@@ -20,22 +21,69 @@ def default_cache_dir() -> Path:
     "Where the package writes data: `$RES2NETPLUS_HOME`, else `~/.cache/res2netplus`"
     return Path(os.environ.get('RES2NETPLUS_HOME', Path.home()/'.cache'/'res2netplus'))
 
-def fashion_mnist_sample(dest=None) -> Path:
-    "Write the bundled Fashion-MNIST subset as `dest/{train,valid}/<class>/*.png` (once) and return `dest`"
-    dest = Path(dest) if dest is not None else default_cache_dir()/'fashion_mnist_2500'
+def _write_tree(dest:Path, classes:list, splits:dict) -> Path:
+    "Write `splits` ({'train': (images, labels), …}) as `dest/<split>/<class>/<i>.png`, once"
     done = dest/'.complete'
     if done.exists(): return dest
-    data = np.load(files('res2netplus')/'data'/'fashion_mnist_2500.npz')
-    classes = [str(c) for c in data['classes']]
-    for split in ('train', 'valid'):
-        for i, (img, label) in enumerate(zip(data[f'{split}_images'], data[f'{split}_labels'])):
+    for split, (images, labels) in splits.items():
+        for i, (img, label) in enumerate(zip(images, labels)):
             d = dest/split/classes[label]; d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(d/f'{i:05d}.png')
     done.touch()
     return dest
 
-# %% ../nbs/03_data.ipynb #d820974b
+def fashion_mnist_sample(dest=None) -> Path:
+    "Write the bundled Fashion-MNIST subset as `dest/{train,valid}/<class>/*.png` (once) and return `dest`"
+    dest = Path(dest) if dest is not None else default_cache_dir()/'fashion_mnist_2500'
+    if (dest/'.complete').exists(): return dest
+    data = np.load(files('res2netplus')/'data'/'fashion_mnist_2500.npz')
+    return _write_tree(dest, [str(c) for c in data['classes']],
+                       {s: (data[f'{s}_images'], data[f'{s}_labels']) for s in ('train', 'valid')})
+
+# %% ../nbs/03_data.ipynb #110ba1e2
+FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
+FASHION_MNIST_CLASSES = ['T-shirt_top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle_boot']
+
+def read_idx(path) -> np.ndarray:
+    "Read an IDX file (gzipped or not), the format of MNIST and Fashion-MNIST"
+    import gzip
+    raw = (gzip.open if str(path).endswith('.gz') else open)(path, 'rb').read()
+    if raw[:2] != b'\0\0' or raw[2] != 8: raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4+4*i:8+4*i], 'big') for i in range(ndim))
+    return np.frombuffer(raw, np.uint8, offset=4 + 4*ndim).reshape(shape)
+
+def load_fashion_mnist(root=FASHION_MNIST_DIR) -> dict:
+    "The 60,000 training and 10,000 test images and labels of Fashion-MNIST, from `root`"
+    root = Path(root)
+    names = dict(train='train-images-idx3-ubyte', train_labels='train-labels-idx1-ubyte', test='t10k-images-idx3-ubyte', test_labels='t10k-labels-idx1-ubyte')
+    found = {k: next((root/f'{v}{ext}' for ext in ('.gz', '') if (root/f'{v}{ext}').exists()), None) for k, v in names.items()}
+    missing = [names[k] for k, v in found.items() if v is None]
+    if missing: raise FileNotFoundError(f"Fashion-MNIST files missing in {root}: {', '.join(missing)}. Install them with "
+                                        f"`apt-get install -y dataset-fashion-mnist`, or pass the folder that holds them.")
+    return {k: read_idx(v) for k, v in found.items()}
+
+def fashion_mnist_subset(dest, n_train:int=200, n_valid:int=50, seed:int=0, root=FASHION_MNIST_DIR) -> Path:
+    "Write a class-balanced Fashion-MNIST subset, `n_train`/`n_valid` images per class, as a folder tree at `dest`"
+    dest = Path(dest)
+    if (dest/'.complete').exists(): return dest
+    data, rng = load_fashion_mnist(root), np.random.default_rng(seed)
+    def pick(labels, n): return np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c in range(10)])
+    tr, va = pick(data['train_labels'], n_train), pick(data['test_labels'], n_valid)
+    return _write_tree(dest, FASHION_MNIST_CLASSES, dict(train=(data['train'][tr], data['train_labels'][tr]),
+                                                         valid=(data['test'][va], data['test_labels'][va])))
+
+# %% ../nbs/03_data.ipynb #2fc042b7
 def _images(folder:Path) -> list: return [p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+def _check_readable(files:list, where) -> None:
+    "Open each image's header (cheap) and raise naming the files that are not images"
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as im: im.size
+        except Exception: bad.append(str(f))
+    if bad: raise ValueError(f"{len(bad)} unreadable image(s) in {where}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}. Remove or replace them.")
 
 def check_image_folder(path, train:str='train', valid:str='valid') -> list:
     "Check an ImageNet-style tree `path/{train,valid}/<class>/…`; return the class names or raise naming the fix"
@@ -48,11 +96,33 @@ def check_image_folder(path, train:str='train', valid:str='valid') -> list:
         if not d.is_dir(): raise FileNotFoundError(f"{d} is missing. {layout}")
         folders = sorted(p for p in d.iterdir() if p.is_dir())
         if not folders: raise ValueError(f"{d} has no class folders. {layout}")
-        empty = [f.name for f in folders if not _images(f)]
+        images = {f.name: _images(f) for f in folders}
+        empty = [k for k, v in images.items() if not v]
         if empty: raise ValueError(f"Class folders without images in {d}: {', '.join(empty)}. Add images or remove them.")
+        _check_readable([f for v in images.values() for f in v], d)
         classes[split] = [f.name for f in folders]
     missing = sorted(set(classes[train]) - set(classes[valid]))
     extra = sorted(set(classes[valid]) - set(classes[train]))
     if missing: raise ValueError(f"Classes missing from {valid}/: {', '.join(missing)}. Move some of their images there, so they can be measured.")
     if extra: raise ValueError(f"Classes in {valid}/ but not in {train}/: {', '.join(extra)}. The model cannot learn them: add training images.")
     return classes[train]
+
+# %% ../nbs/03_data.ipynb #3fc28a5b
+def check_image_csv(csv) -> 'pd.DataFrame':
+    "Read a CSV of `fname,label[,is_valid]` (file names relative to the CSV's folder); return it or raise naming the fix"
+    import pandas as pd
+    csv = Path(csv).expanduser()
+    layout = "Expected a CSV with columns fname,label and optionally is_valid (True/False), file names relative to the CSV's folder."
+    try: df = pd.read_csv(csv)
+    except Exception as e: raise ValueError(f"Cannot read {csv} as CSV ({type(e).__name__}: {e}). {layout}") from None
+    if not {'fname', 'label'} <= set(df.columns): raise ValueError(f"{csv} has columns {', '.join(map(str, df.columns))}. {layout}")
+    if df.empty: raise ValueError(f"{csv} has no rows. {layout}")
+    if df['label'].isna().any(): raise ValueError(f"{int(df['label'].isna().sum())} row(s) of {csv} have no label. Fill them in or remove them.")
+    if 'is_valid' in df:
+        df['is_valid'] = df['is_valid'].map(lambda v: str(v).strip().lower() in ('1', 'true', 'yes'))
+        if not df['is_valid'].any(): raise ValueError(f"No row of {csv} has is_valid true: mark some rows for validation, or drop the column to hold out 20 %.")
+    files = [csv.parent/str(f) for f in df['fname']]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing: raise FileNotFoundError(f"{len(missing)} file(s) named in {csv} do not exist: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. {layout}")
+    _check_readable(files, csv)
+    return df

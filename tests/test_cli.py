@@ -11,11 +11,13 @@ def test_train_then_predict(image_folder, tmp_path):
     out = tmp_path/'run'
     r = cli('train', '--data', str(image_folder), '--size', '32', '--bs', '8', '--epochs', '2', '--out', str(out), '--workers', '0')
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'valid accuracy' in r.stdout
+    assert 'valid accuracy' in r.stdout and 'train_loss' in r.stdout  # fastai's per-epoch table
     for f in ('export.pkl', 'model.safetensors', 'metrics.csv', 'metrics.json'):
         assert (out/f).is_file(), f
+    for f in ('loss.png', 'confusion_matrix.png', 'top_losses.png'):
+        assert Image.open(out/f).size[0] > 100, f
     metrics = json.loads((out/'metrics.json').read_text())
-    assert metrics['classes'] == ['disc', 'square'] and 0 <= metrics['accuracy'] <= 1
+    assert metrics['classes'] == ['disc', 'square'] and 0 <= metrics['accuracy'] <= 1 and metrics['mix'] == 'cutmix'
     assert len((out/'metrics.csv').read_text().strip().splitlines()) == 3  # header + 2 epochs
     img = next((image_folder/'valid'/'disc').iterdir())
     r = cli('predict', '--model', str(out/'export.pkl'), '-k', '2', str(img))
@@ -31,3 +33,30 @@ def test_class_missing_from_valid(image_folder, tmp_path):
     data = tmp_path/'data'; shutil.copytree(image_folder, data); shutil.rmtree(data/'valid'/'square')
     r = cli('train', '--data', str(data), '--out', str(tmp_path/'o'))
     assert r.returncode == 2 and 'Classes missing from valid/: square' in r.stderr and 'Traceback' not in r.stderr
+
+def test_train_from_csv_with_lr_find(image_folder, tmp_path):
+    "A CSV of file names and labels with an is_valid column; --lr 0 runs lr_find; --mix none"
+    rows = ['fname,label,is_valid'] + [f'{p.relative_to(image_folder)},{p.parent.name},{p.parts[-3] == "valid"}'
+                                       for p in sorted(image_folder.rglob('*.png'))]
+    (image_folder/'labels.csv').write_text('\n'.join(rows))
+    out = tmp_path/'run'
+    r = cli('train', '--data', str(image_folder/'labels.csv'), '--size', '32', '--bs', '8', '--epochs', '1', '--lr', '0',
+            '--mix', 'none', '--out', str(out), '--workers', '0')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'lr_find:' in r.stdout
+    metrics = json.loads((out/'metrics.json').read_text())
+    assert metrics['classes'] == ['disc', 'square'] and metrics['mix'] == 'none' and metrics['lr'] > 0
+
+@pytest.mark.parametrize('problem,message', [('unreadable', 'unreadable image(s)'), ('csv_missing_file', 'do not exist'),
+                                             ('bad_mix', 'Unknown mix'), ('empty', 'has no class folders')])
+def test_bad_data_ends_with_a_message(image_folder, tmp_path, problem, message):
+    import shutil
+    data = tmp_path/'data'; shutil.copytree(image_folder, data)
+    args = ['--data', str(data)]
+    if problem == 'unreadable': (data/'train'/'disc'/'x.jpg').write_bytes(b'\xff\xd8 truncated')
+    if problem == 'csv_missing_file':
+        (data/'l.csv').write_text('fname,label\ntrain/disc/0.png,disc\nnope.png,disc\n'); args = ['--data', str(data/'l.csv')]
+    if problem == 'bad_mix': args += ['--mix', 'cutout']
+    if problem == 'empty': shutil.rmtree(data/'valid'); (data/'valid').mkdir()
+    r = cli('train', *args, '--out', str(tmp_path/'o'))
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
