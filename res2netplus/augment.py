@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_augment.ipynb #7bcbaf88
 from __future__ import annotations
+import os
 import numpy as np, torch
 import albumentations as A
 from torch.distributions import Beta
@@ -59,6 +60,8 @@ class Mixer(Callback):
     def mix_images(self, x, perm, bs:int): raise NotImplementedError
 
     def before_train(self):
+        others = [cb for cb in self.learn.cbs if isinstance(cb, Mixer) and cb is not self]
+        if others: raise ValueError(f"{type(self).__name__} and {type(others[0]).__name__} are both on the learner: keep one (MixUpCutMix combines the two).")
         if getattr(self, 'user_loss', None) is None: self.user_loss, self.learn.loss_func = self.learn.loss_func, self.loss
     def after_train(self):
         if getattr(self, 'user_loss', None) is not None: self.learn.loss_func, self.user_loss = self.user_loss, None
@@ -142,9 +145,17 @@ class AlbumentationsTransform(ItemTransform):
         if isinstance(augs, (list, tuple)): augs = A.Compose(list(augs), bbox_params=A.BboxParams(**BOX_PARAMS))
         if not isinstance(augs, A.BaseCompose): raise TypeError(f"Pass an albumentations Compose or a list of albumentations transforms, not {type(augs).__name__}.")
         super().__init__(split_idx=split_idx)
-        self.augs = augs
+        self.augs, self._seeded_in, self._user_seed = augs, None, getattr(augs, 'seed', None) is not None
+
+    def _seed(self):
+        # albumentations draws from its own generator, seeded from the OS: copied as-is into every forked data loader
+        # worker, and deaf to fastai's `set_seed`. Reseed it once per process from numpy, which fastai seeds per worker.
+        if self._seeded_in != os.getpid() and not self._user_seed:
+            self.augs.set_random_seed(int(np.random.randint(2**31)))
+        self._seeded_in = os.getpid()
 
     def encodes(self, item):
+        self._seed()
         item = list(item) if isinstance(item, (tuple, list)) else [item]  # fastcore hands ItemTransforms a list
         img_i = next((i for i, o in enumerate(item) if isinstance(o, PILImage)), None)
         if img_i is None: return tuple(item)
@@ -157,7 +168,7 @@ class AlbumentationsTransform(ItemTransform):
             raise ValueError(f"Items have boxes but the albumentations Compose has no bbox_params: build it with "
                              f"bbox_params=A.BboxParams(**{BOX_PARAMS}), or pass a plain list of transforms.")
         label_fields = list(box_proc.params.label_fields or []) if box_proc is not None else []
-        labels_i = box_i + 1 if box_i is not None and box_i + 1 < len(item) else None
+        labels_i = box_i + 1 if box_i is not None and box_i + 1 < len(item) and isinstance(item[box_i + 1], TensorMultiCategory) else None
         if labels_i is not None and not label_fields:
             raise ValueError("The albumentations Compose drops boxes without their labels: give its BboxParams label_fields=['labels'].")
         if box_proc is not None:  # albumentations wants the box fields even when an item has no boxes

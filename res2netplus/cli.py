@@ -23,7 +23,7 @@ def _dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
         df = check_image_csv(path)
         valid = dict(valid_col='is_valid') if 'is_valid' in df else dict(valid_pct=0.2)
         dls = ImageDataLoaders.from_df(df, path.parent, fn_col='fname', label_col='label', **valid, **kw)
-        missing = sorted(set(dls.vocab) - {dls.vocab[int(y)] for _, y in dls.valid_ds})
+        missing = sorted(set(dls.vocab) - set(dls.valid_ds.items['label']))
         if missing: raise ValueError(f"Classes missing from the validation rows of {path}: {', '.join(map(str, missing))}. Give them is_valid rows, so they can be measured.")
         return dls, [str(c) for c in dls.vocab]
     classes = check_image_folder(path)
@@ -38,6 +38,13 @@ def _plots(learn, out:Path):
     with learn.no_bar(): interp = ClassificationInterpretation.from_learner(learn)
     interp.plot_confusion_matrix(figsize=(8, 8)); plt.gcf().savefig(out/'confusion_matrix.png', dpi=100, bbox_inches='tight'); plt.close('all')
     interp.plot_top_losses(min(9, len(learn.dls.valid_ds)), nrows=3); plt.gcf().savefig(out/'top_losses.png', dpi=100, bbox_inches='tight'); plt.close('all')
+
+def _learner_state(weights) -> dict|None:
+    "The state dict in `weights` if it is a whole learner's model (the `model.safetensors` this command writes), else None"
+    from res2netplus.weights import read_weights
+    if weights is None or str(weights) == 'DEFAULT': return None
+    state = read_weights(weights)
+    return state if state and all(k.split('.')[0] in ('0', '1') for k in state) else None  # fastai's body (0) + head (1)
 
 def train(data=None, arch:str='res2netplus50', size:int=64, bs:int=64, epochs:int=3, lr:float|None=None, mix:str='cutmix',
           pretrained:bool=False, weights=None, out='runs/res2netplus', seed:int=42, workers:int|None=None) -> dict:
@@ -54,9 +61,18 @@ def train(data=None, arch:str='res2netplus50', size:int=64, bs:int=64, epochs:in
     set_seed(seed, reproducible=True)
     dls, classes = _dataloaders(path, size, bs, seed, workers)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    state = _learner_state(weights)  # continue from an earlier run's weights: same arch and classes, nothing frozen
+    if state is not None: pretrained, weights = False, None
     pretrained = pretrained or weights is not None
+    (out/'metrics.csv').unlink(missing_ok=True)  # appended to by each phase of fit_recipe
     learn = res2netplus_learner(dls, arch, mix=mix, pretrained=pretrained, weights=weights, path=out, model_dir='.',
-                                cbs=CSVLogger(fname='metrics.csv'))
+                                cbs=CSVLogger(fname='metrics.csv', append=True))
+    if state is not None:
+        try: learn.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"--weights holds a model of another architecture or number of classes than --arch {arch} with "
+                             f"{len(classes)} classes ({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
+                             f"Pass the --arch and data it was trained with.") from None
     if lr == 0:
         lr = learn.lr_find(show_plot=False).valley
         print(f"lr_find: {lr:.2e}")
@@ -69,7 +85,7 @@ def train(data=None, arch:str='res2netplus50', size:int=64, bs:int=64, epochs:in
     _plots(learn, out)
     learn.export('export.pkl')
     safetensors.torch.save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, out/'model.safetensors')
-    result = dict(arch=arch, data=str(path), classes=classes, epochs=epochs, size=size, bs=bs, lr=float(lr), mix=mix,
+    result = dict(arch=arch, data=str(path), classes=classes, epochs=epochs, frozen_epochs=1 if pretrained else 0, size=size, bs=bs, lr=float(lr), mix=mix,
                   valid_loss=float(valid_loss), accuracy=float(acc), train_seconds=seconds)
     (out/'metrics.json').write_text(json.dumps(result, indent=2))
     return result
@@ -95,7 +111,7 @@ def predict(model, images, k:int=3) -> list:
 _TRAIN_HELP = dict(data='folder with train/<class>/… and valid/<class>/…, or a CSV with fname,label[,is_valid] columns; none: the bundled Fashion-MNIST subset',
                    arch='a variant, e.g. res2netplus50, res2net50d', size='image size in pixels', bs='batch size',
                    epochs='epochs', lr="learning rate (default: the recipe's); 0 to find it with lr_find", mix='mixing: cutmix, mixup, both or none', pretrained='start from ImageNet weights (through timm)',
-                   weights='local .pth/.safetensors checkpoint to start from (offline)', out='folder for the results',
+                   weights="local .pth/.safetensors to start from (offline): ImageNet weights, or an earlier run's model.safetensors to continue training", out='folder for the results',
                    seed='random seed', workers='data loader processes (default: fastai\'s)')
 
 _TRAIN_TYPES = dict(size=int, bs=int, epochs=int, lr=float, seed=int, workers=int)

@@ -97,6 +97,9 @@ def check_image_folder(path, train:str='train', valid:str='valid') -> list:
         folders = sorted(p for p in d.iterdir() if p.is_dir())
         if not folders: raise ValueError(f"{d} has no class folders. {layout}")
         images = {f.name: _images(f) for f in folders}
+        nested = [str(i) for v in images.values() for i in v if i.parent.parent != d]
+        if nested: raise ValueError(f"Images in sub-folders of class folders ({', '.join(nested[:3])}{' …' if len(nested) > 3 else ''}): "
+                                    f"fastai labels an image by its parent folder. Move them up into their class folder.")
         empty = [k for k, v in images.items() if not v]
         if empty: raise ValueError(f"Class folders without images in {d}: {', '.join(empty)}. Add images or remove them.")
         _check_readable([f for v in images.values() for f in v], d)
@@ -119,8 +122,10 @@ def check_image_csv(csv) -> 'pd.DataFrame':
     if df.empty: raise ValueError(f"{csv} has no rows. {layout}")
     if df['label'].isna().any(): raise ValueError(f"{int(df['label'].isna().sum())} row(s) of {csv} have no label. Fill them in or remove them.")
     if 'is_valid' in df:
-        df['is_valid'] = df['is_valid'].map(lambda v: str(v).strip().lower() in ('1', 'true', 'yes'))
+        df['is_valid'] = df['is_valid'].map(lambda v: str(v).strip().lower() in ('1', '1.0', 'true', 'yes'))
         if not df['is_valid'].any(): raise ValueError(f"No row of {csv} has is_valid true: mark some rows for validation, or drop the column to hold out 20 %.")
+    absolute = [str(f) for f in df['fname'] if Path(str(f)).is_absolute()]
+    if absolute: raise ValueError(f"{len(absolute)} file name(s) in {csv} are absolute ({absolute[0]}, …): write them relative to {csv.parent}.")
     files = [csv.parent/str(f) for f in df['fname']]
     missing = [str(f) for f in files if not f.is_file()]
     if missing: raise FileNotFoundError(f"{len(missing)} file(s) named in {csv} do not exist: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. {layout}")

@@ -5,10 +5,10 @@
 # %% ../nbs/05_learner.ipynb #9b3b21c1
 from __future__ import annotations
 import torch
-from fastai.vision.all import (Learner, vision_learner, patch, Adam, ranger, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat,
+from fastai.vision.all import (Learner, vision_learner, patch, Adam, ranger, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat,
                                accuracy, accuracy_multi, ChannelsLast)
 from .models import RES2NET_FACTORIES, res2netplus50, variant_row
-from .augment import mix_callback
+from .augment import Mixer, mix_callback
 
 # %% auto #0
 __all__ = ['RECIPE', 'res2netplus_learner']
@@ -24,7 +24,7 @@ def _arch(arch):
 
 def _precision(learn:Learner, precision:str|None) -> Learner:
     on_gpu = learn.dls.device is not None and torch.device(learn.dls.device).type == 'cuda'
-    if precision == 'auto': precision = (('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if on_gpu else None)
+    if precision == 'auto': precision = (('bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16') if on_gpu else None)
     if precision == 'bf16': return learn.to_bf16()
     if precision == 'fp16': return learn.to_fp16()
     if precision not in (None, 'fp32'): raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16' or None.")
@@ -36,9 +36,10 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pre
     "A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`"
     single_label = isinstance(dls.loss_func, CrossEntropyLossFlat)
     if loss_func is None and single_label and label_smoothing: loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing)
-    if metrics is None: metrics = accuracy if single_label else accuracy_multi
-    mixer = mix_callback(mix)
-    cbs = [*([] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]), *([mixer] if mixer else [])]
+    if metrics is None: metrics = accuracy if single_label else accuracy_multi if isinstance(dls.loss_func, BCEWithLogitsLossFlat) else None
+    cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+    mixer = None if any(isinstance(cb, Mixer) for cb in cbs) else mix_callback(mix)  # a mixer passed in `cbs` replaces `mix`
+    cbs += [mixer] if mixer else []
     learn = vision_learner(dls, _arch(arch), pretrained=pretrained, loss_func=loss_func, opt_func=opt_func or RECIPE['opt_func'],
                            metrics=metrics, cbs=cbs, **kwargs)
     if channels_last or (channels_last is None and torch.device(dls.device or 'cpu').type == 'cuda'): learn.add_cb(ChannelsLast())

@@ -105,6 +105,10 @@ def test_mixup_masks_per_pixel_loss_with_ignore_index(h, w):
     lf = CrossEntropyLossFlat(axis=1, ignore_index=255)
     learn = tiny_learner(xs, masks, lf, 3, dense=True, bs=4)
     x, y, loss, lam, yp = fit_one_batch(learn, MixUp(alpha=1.))
+    assert torch.equal(y, masks)
+    for i in range(4):  # the partner mask belongs to the image blended in: x = λ·xs[i] + (1−λ)·xs[j]
+        err = torch.stack([(x[i] - lam[i]*xs[i] - (1 - lam[i])*xs[j]).abs().max() for j in range(4)])
+        assert torch.equal(yp[i], masks[int(err.argmin())])
     with torch.no_grad():
         pred = learn.model(x)
         l1 = F.cross_entropy(pred, y, ignore_index=255, reduction='none')
@@ -139,6 +143,10 @@ def test_loss_restored_when_training_is_cancelled():
     assert learn.loss_func is lf
     cb = CutMix(); learn.fit(1, cbs=[cb])
     assert learn.loss_func is lf and cb.weights is None and cb.lam is None  # nothing of the last batch kept for export
+
+def test_two_mixers_are_refused():
+    learn = tiny_learner(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, CrossEntropyLossFlat(), 2)
+    with pytest.raises(ValueError, match='keep one'): learn.fit(1, cbs=[MixUp(), CutMix()])
 
 def test_loss_without_per_sample_values_is_refused():
     xs, ys = torch.rand(8, 3, 8, 8), torch.arange(8) % 2
