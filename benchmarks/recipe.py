@@ -1,4 +1,4 @@
-"""The training recipe on real data: Fashion-MNIST, equal budget, three seeds (about 30 min on 2 idle CPU cores).
+"""The training recipe on real data: Fashion-MNIST, equal budget, three seeds (about 45 min on 2 idle CPU cores).
 
     python benchmarks/recipe.py                 # optimizer study, then the architecture x mixing comparison
     python benchmarks/recipe.py --study optimizer
