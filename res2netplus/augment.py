@@ -29,19 +29,14 @@ def cutmix_boxes(lam, h:int, w:int):
             (cy + cut_h - cut_h//2).clamp(0, h), (cx + cut_w - cut_w//2).clamp(0, w))
 
 def cutmix_images(x, perm, lam):
-    "Paste a box of `x[perm]` into each image; `keep` is 0 inside the box, 1 outside"
+    "Paste a box of `x[perm]` into each image; `keep` (boolean) is False inside the box"
     h, w = x.shape[-2:]
     y1, x1, y2, x2 = (v.view(-1, 1, 1) for v in cutmix_boxes(lam, h, w))
     rows, cols = torch.arange(h, device=x.device).view(1, -1, 1), torch.arange(w, device=x.device).view(1, 1, -1)
     inside = ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)).unsqueeze(1)
-    return torch.where(inside, x[perm], x), (~inside).to(x.dtype)
+    return torch.where(inside, x[perm], x), ~inside
 
 # %% ../nbs/04_augment.ipynb #f7c8de8b
-def _target_kind(x, y) -> str:
-    if y.is_floating_point(): return 'soft'
-    if y.ndim >= 3 and y.shape[-2:] == x.shape[-2:]: return 'mask'
-    return 'index'
-
 def _loss_layout(loss_func, t, shape):
     "`t` (shaped like the target) in the order of `loss_func`'s unreduced output: fastai's losses move `axis` last, targets too"
     axis = getattr(loss_func, 'axis', None)
@@ -74,17 +69,16 @@ class Mixer(Callback):
         x = self.x
         perm = torch.randperm(x.shape[0], device=x.device)
         x, keep = self.mix_images(x, perm, x.shape[0])
+        binary, keep = keep.dtype == torch.bool, keep.to(x.dtype)  # CutMix pastes whole pixels: masks can be pasted too
         self.learn.xb, self.lam = (x,), keep.flatten(1).mean(1)
         yb, self.perm_yb, self.weights = [], [], []
         for y in self.yb:
-            kind, yp = _target_kind(x, y), y[perm]
-            if kind == 'soft':
-                dense = y.ndim >= 3 and y.shape[-2:] == x.shape[-2:]
-                w = (keep if y.ndim == 4 else keep[:, 0]) if dense else self.lam.view(-1, *[1]*(y.ndim - 1))
-                yb.append(torch.lerp(yp, y, w.to(y.dtype))); self.perm_yb.append(yp); self.weights.append(None)
-            elif kind == 'mask' and bool(((keep == 0) | (keep == 1)).all()):  # CutMix: the mixed mask is known exactly
-                yb.append(torch.where(keep[:, 0].bool(), y, yp)); self.perm_yb.append(yp); self.weights.append(None)
-            else: yb.append(y); self.perm_yb.append(yp); self.weights.append(keep[:, 0] if kind == 'mask' else self.lam)
+            yp, dense = y[perm], y.ndim >= 3 and y.shape[-2:] == x.shape[-2:]
+            w = (keep if y.ndim == 4 else keep[:, 0]) if dense else self.lam.view(-1, *[1]*(y.ndim - 1))
+            if y.is_floating_point(): yb.append(torch.lerp(yp, y, w.to(y.dtype))); w = None  # soft targets are blended
+            elif dense and binary: yb.append(torch.where(w.bool(), y, yp)); w = None      # the mixed mask is known exactly
+            else: yb.append(y)  # class indices, or masks under MixUp: the loss weighs the two targets by `w`
+            self.perm_yb.append(yp); self.weights.append(w)
         self.learn.yb = tuple(yb)
 
     def loss(self, pred, *yb):

@@ -8,12 +8,11 @@ from torch import nn
 from PIL import Image
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
-from fastai.callback.core import Callback, CancelFitException, CancelBatchException
+from fastai.callback.core import Callback, CancelFitException
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat
 from fastai.vision.core import PILImage, PILMask, TensorBBox
 from fastai.torch_core import TensorMultiCategory
-from res2netplus.augment import (MixUp, CutMix, MixUpCutMix, Mixer, AlbumentationsTransform, res2netplus_augs, BOX_PARAMS,
-                                 cutmix_images, mix_callback)
+from res2netplus.augment import MixUp, CutMix, MixUpCutMix, AlbumentationsTransform, res2netplus_augs, BOX_PARAMS, mix_callback
 
 class Grab(Callback):
     "Keep the first training batch as the model sees it (after mixing), then stop"
