@@ -5,7 +5,7 @@
 # %% ../nbs/05_learner.ipynb #9b3b21c1
 from __future__ import annotations
 import torch
-from fastai.vision.all import (Learner, vision_learner, patch, Adam, ranger, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat,
+from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat,
                                accuracy, accuracy_multi, ChannelsLast)
 from .models import RES2NET_FACTORIES, res2netplus50, variant_row
 from .augment import Mixer, mix_callback
@@ -22,8 +22,7 @@ def _arch(arch):
         if arch.startswith(('res2net', 'res2next')): variant_row(arch)  # raises with a close-match suggestion
     return arch  # a factory, or a timm / torchvision name that vision_learner resolves
 
-def _precision(learn:Learner, precision:str|None) -> Learner:
-    on_gpu = learn.dls.device is not None and torch.device(learn.dls.device).type == 'cuda'
+def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
     if precision == 'auto': precision = (('bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16') if on_gpu else None)
     if precision == 'bf16': return learn.to_bf16()
     if precision == 'fp16': return learn.to_fp16()
@@ -42,8 +41,9 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pre
     cbs += [mixer] if mixer else []
     learn = vision_learner(dls, _arch(arch), pretrained=pretrained, loss_func=loss_func, opt_func=opt_func or RECIPE['opt_func'],
                            metrics=metrics, cbs=cbs, **kwargs)
-    if channels_last or (channels_last is None and torch.device(dls.device or 'cpu').type == 'cuda'): learn.add_cb(ChannelsLast())
-    return _precision(learn, precision)
+    on_gpu = torch.device(dls.device or 'cpu').type == 'cuda'
+    if channels_last or (channels_last is None and on_gpu): learn.add_cb(ChannelsLast())
+    return _precision(learn, precision, on_gpu)
 
 @patch
 def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.):

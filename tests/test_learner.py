@@ -1,0 +1,26 @@
+"The recipe's learner: fit_recipe on a pretrained (frozen) body, and the recipe's parts in place."
+import pytest, torch
+import safetensors.torch
+from res2netplus.models import res2net50d
+from res2netplus.learner import res2netplus_learner, RECIPE
+from res2netplus.augment import CutMix
+
+def test_fit_recipe_unfreezes_a_pretrained_body_like_fine_tune(dls, tmp_path):
+    safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'in1k.safetensors')
+    learn = res2netplus_learner(dls, 'res2netplus50', weights=tmp_path/'in1k.safetensors', pretrained=True)
+    body = [p for p in learn.splitter(learn.model)[1] if p.ndim > 1]
+    assert not any(p.requires_grad for p in body)  # frozen by vision_learner, as for fine_tune
+    assert any(isinstance(cb, CutMix) for cb in learn.cbs) and learn.opt_func is RECIPE['opt_func']
+    start = [p.detach().clone() for p in body[:3]]
+    learn.fit_recipe(1, freeze_epochs=1)
+    assert len(learn.recorder.values) == 1 and all(p.requires_grad for p in body)  # the last fit trained everything
+    assert learn.opt.param_groups[0]['lr'] < learn.opt.param_groups[-1]['lr']  # discriminative rates, body lower
+    assert any(not torch.equal(a, b) for a, b in zip(start, body[:3]))
+    assert learn.loss_func.__class__.__name__ == 'LabelSmoothingCrossEntropyFlat'
+
+def test_fit_recipe_from_scratch_uses_the_recipe_schedule(dls, monkeypatch):
+    learn = res2netplus_learner(dls, 'res2netplus50', mix=None)
+    calls = []
+    monkeypatch.setattr(type(learn), RECIPE['schedule'], lambda self, n, lr: calls.append((n, lr)))
+    learn.fit_recipe(3)
+    assert calls == [(3, RECIPE['lr'])]
