@@ -8,10 +8,11 @@ import math
 import torch
 from torch import nn
 from timm.layers import DropPath
+import torch.nn.functional as F
 from timm.models.resnet import downsample_avg, downsample_conv
 
 # %% auto #0
-__all__ = ['conv_act_norm', 'check_block_config', 'Bottle2neck', 'res2net_stage']
+__all__ = ['conv_act_norm', 'check_block_config', 'DilatedAvgPool2d', 'Bottle2neck', 'res2net_shortcut', 'res2net_stage']
 
 # %% ../nbs/00_layers.ipynb #99c55666
 def conv_act_norm(conv:nn.Module, norm:nn.Module, act:nn.Module, x:torch.Tensor, bn_1st:bool=True) -> torch.Tensor:
@@ -30,7 +31,29 @@ def check_block_config(planes:int, base_width:int, scale:int, cardinality:int):
                          f"(width = floor(planes*base_width/64)*cardinality). Use base_width >= {math.ceil(64/planes)}.")
     return width
 
-# %% ../nbs/00_layers.ipynb #92b3248d
+# %% ../nbs/00_layers.ipynb #6ce4e47c
+class DilatedAvgPool2d(nn.Module):
+    "Stride-1 average pool whose `kernel_size` taps are `dilation` apart; output size = input size"
+    def __init__(self, kernel_size:int, dilation:int=1, count_include_pad:bool=True, pad_end_only:bool=False):
+        super().__init__()
+        self.kernel_size, self.dilation, self.count_include_pad = kernel_size, dilation, count_include_pad
+        total = dilation * (kernel_size - 1)
+        lo = 0 if pad_end_only else total // 2  # a 2×2 stride-2 pool (the shortcut's) covers pixels 2k and 2k+1
+        self.padding = (lo, total - lo, lo, total - lo)
+
+    def _window_sum(self, x):
+        c = x.shape[1]
+        ones = x.new_ones(c, 1, self.kernel_size, self.kernel_size)
+        return F.conv2d(F.pad(x, self.padding), ones, dilation=self.dilation, groups=c)
+
+    def forward(self, x):
+        total = self._window_sum(x)
+        if self.count_include_pad: return total / self.kernel_size**2
+        return total / self._window_sum(x.new_ones(1, 1, *x.shape[-2:]))
+
+    def extra_repr(self): return f"kernel_size={self.kernel_size}, dilation={self.dilation}, count_include_pad={self.count_include_pad}"
+
+# %% ../nbs/00_layers.ipynb #03a4a7d3
 class Bottle2neck(nn.Module):
     "Res2Net bottleneck: 1×1 conv, `scale` hierarchical 3×3 split convs, 1×1 conv, residual addition"
     expansion = 4
@@ -47,7 +70,9 @@ class Bottle2neck(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation,
                                              groups=cardinality, bias=bias) for _ in range(n_convs))
         self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(n_convs))
-        self.pool = nn.AvgPool2d(3, stride, padding=1) if self.is_first and scale > 1 else None
+        self.pool = None
+        if self.is_first and scale > 1:
+            self.pool = nn.AvgPool2d(3, stride, padding=1) if dilation == 1 else DilatedAvgPool2d(3, dilation)
         self.conv3 = nn.Conv2d(width*scale, planes*self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes*self.expansion)
         self.act = act_cls()
@@ -69,16 +94,24 @@ class Bottle2neck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.act(self.drop_path(out) + shortcut)
 
-# %% ../nbs/00_layers.ipynb #03a4a7d3
-def res2net_stage(inplanes:int, planes:int, n_blocks:int, stride:int=1, avg_down:bool=False,
-                  drop_path_rates=None, **block_kwargs) -> nn.Sequential:
-    "A stage of `n_blocks` `Bottle2neck`s; the first one carries the stride and the projection shortcut"
+# %% ../nbs/00_layers.ipynb #4c87cd68
+def res2net_shortcut(inplanes:int, outplanes:int, stride:int=1, avg_down:bool=False, dilation:int=1, first_dilation:int=1) -> nn.Module:
+    "timm's projection shortcut; a dilated stage (stride replaced by `dilation`) pools at stride 1 with `first_dilation`"
+    if not avg_down: return downsample_conv(inplanes, outplanes, 1, stride=stride)
+    down = downsample_avg(inplanes, outplanes, 1, stride=stride)
+    if stride == 1 and dilation > 1: down[0] = DilatedAvgPool2d(2, first_dilation, count_include_pad=False, pad_end_only=True)
+    return down
+
+def res2net_stage(inplanes:int, planes:int, n_blocks:int, stride:int=1, avg_down:bool=False, dilation:int=1,
+                  first_dilation:int|None=None, drop_path_rates=None, **block_kwargs) -> nn.Sequential:
+    "A stage of `n_blocks` `Bottle2neck`s; the first carries the stride (or, dilated, `first_dilation`) and the projection shortcut"
     outplanes = planes * Bottle2neck.expansion
+    first_dilation = first_dilation or dilation
     downsample = None
-    if stride != 1 or inplanes != outplanes:
-        make_down = downsample_avg if avg_down else downsample_conv
-        downsample = make_down(inplanes, outplanes, 1, stride=stride)
+    if stride != 1 or inplanes != outplanes or dilation != first_dilation:
+        downsample = res2net_shortcut(inplanes, outplanes, stride, avg_down, dilation, first_dilation)
     dprs = drop_path_rates or [0.] * n_blocks
     return nn.Sequential(*[Bottle2neck(inplanes if i == 0 else outplanes, planes, stride if i == 0 else 1,
-                                       downsample if i == 0 else None, drop_path=dprs[i], **block_kwargs)
+                                       downsample if i == 0 else None, drop_path=dprs[i],
+                                       dilation=first_dilation if i == 0 else dilation, **block_kwargs)
                            for i in range(n_blocks)])

@@ -58,36 +58,41 @@ def _check_positive_ints(name, values, n=None):
 
 class Res2Net(nn.Sequential):
     "Res2Net, Res2NeXt and Res2NetPlus: an `nn.Sequential` of named stem layers, four stages and a classifier head"
-    min_size = 32  # the output stride: smaller images leave the last stage nothing but padding
+    min_size = 32  # the output stride (per instance): smaller images leave the last stage nothing but padding
     def __init__(self, layers=(3, 4, 6, 3), base_width:int=26, scale:int=4, cardinality:int=1, stem_type:str='',
                  stem_szs=(32, 32, 64), avg_down:bool=False, act_cls=nn.ReLU, bn_1st:bool=True, in_chans:int=3,
                  num_classes:int=1000, drop_rate:float=0., drop_path_rate:float=0., global_pool:str='avg',
-                 zero_init_last:bool=True):
+                 zero_init_last:bool=True, output_stride:int=32):
         layers = _check_positive_ints('layers (blocks per stage)', layers, 4)
         stem_szs = _check_positive_ints('stem_szs', stem_szs, 3)
         _check_positive_ints('in_chans', [in_chans])
         if not (isinstance(num_classes, int) and num_classes >= 0): raise ValueError(f"num_classes (n_out) must be an integer >= 0, got {num_classes!r}.")
         for name, p in (('drop_rate', drop_rate), ('drop_path_rate', drop_path_rate)):
             if not 0 <= p < 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}.")
+        if output_stride not in (8, 16, 32): raise ValueError(f"output_stride must be 8, 16 or 32 (32: no dilation), got {output_stride!r}.")
         pools = {'avg': nn.AdaptiveAvgPool2d, 'max': nn.AdaptiveMaxPool2d}
         if global_pool not in pools: raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}.")
         stem = res2net_stem(stem_type, in_chans, stem_szs, act_cls, bn_1st)
         n_blocks = sum(layers)
         dprs = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
-        stages, inplanes, start = [], stem_szs[-1], 0
+        stages, inplanes, start, net_stride, dilation = [], stem_szs[-1], 0, 4, 1
         feature_info = [dict(num_chs=inplanes, reduction=2, module=stem[-2][0])]
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
-            stages.append((f'layer{i+1}', res2net_stage(inplanes, planes, n, stride=1 if i == 0 else 2, avg_down=avg_down,
-                drop_path_rates=dprs[start:start+n], base_width=base_width, scale=scale, cardinality=cardinality,
-                act_cls=act_cls, bn_1st=bn_1st)))
+            stride, first_dilation = 1 if i == 0 else 2, dilation
+            if net_stride >= output_stride: dilation, stride = dilation * stride, 1  # DeepLab: dilate instead of striding
+            net_stride *= stride
+            stages.append((f'layer{i+1}', res2net_stage(inplanes, planes, n, stride=stride, avg_down=avg_down, dilation=dilation,
+                first_dilation=first_dilation, drop_path_rates=dprs[start:start+n], base_width=base_width, scale=scale,
+                cardinality=cardinality, act_cls=act_cls, bn_1st=bn_1st)))
             inplanes, start = planes * 4, start + n
-            feature_info.append(dict(num_chs=inplanes, reduction=2**(i+2), module=f'layer{i+1}'))
+            feature_info.append(dict(num_chs=inplanes, reduction=net_stride, module=f'layer{i+1}'))
         head = [('global_pool', pools[global_pool](1)), ('flatten', nn.Flatten()), ('head_drop', nn.Dropout(drop_rate)),
                 ('fc', nn.Linear(inplanes, num_classes) if num_classes else nn.Identity())]
         super().__init__(OrderedDict(stem + stages + head))
         self.num_classes, self.num_features, self.drop_rate = num_classes, inplanes, drop_rate
         self.head_hidden_size = inplanes
         self.feature_info = feature_info
+        self.output_stride = self.min_size = output_stride
         self.init_weights(zero_init_last)
 
     def init_weights(self, zero_init_last:bool=True):

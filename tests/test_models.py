@@ -96,3 +96,34 @@ def test_features_only(name):
 def test_features_of_plain_variant_through_our_factory():
     f = RES2NET_FACTORIES['res2net50d'](features_only=True)
     assert f.feature_info.module_name() == ['act1', 'layer1', 'layer2', 'layer3', 'layer4']
+
+def _stage_outputs(m, x):
+    outs = []
+    for name, mod in m.named_children():
+        if name == 'global_pool': break
+        x = mod(x)
+        if name.startswith('layer'): outs.append(x)
+    return outs
+
+@pytest.mark.parametrize('name', [n for n in RES2NET_VARIANTS if '152' not in n])
+def test_dilated_is_the_network_sampled_densely(name):
+    "At output stride 16 and 8, each stage's output subsampled by the stride it dropped equals the undilated one's (odd sizes too)"
+    ref = randomize_bn(RES2NET_FACTORIES[name]()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(): expected = _stage_outputs(ref, x)
+    for os_ in (16, 8):
+        m = RES2NET_FACTORIES[name](output_stride=os_).eval()
+        m.load_state_dict(ref.state_dict(), strict=True)
+        with torch.no_grad(): got = _stage_outputs(m, x)
+        for a, b, reduction in zip(got, expected, (4, 8, 16, 32)):
+            step = reduction // min(reduction, os_)
+            assert a.shape[-1] == 64 // min(reduction, os_)
+            assert (a[..., ::step, ::step] - b).abs().max() <= 1e-4, (os_, reduction)
+
+@pytest.mark.parametrize('os_', [8, 16])
+def test_features_only_at_output_stride(os_):
+    f = timm.create_model('res2netplus50', features_only=True, output_stride=os_)
+    assert f.feature_info.reduction() == [2, 4, 8, min(16, os_), os_]
+    outs = f(torch.randn(1, 3, 96, 96))
+    assert [o.shape[-1] for o in outs] == [48, 24, 12, 96 // min(16, os_), 96 // os_]
+    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'): timm.create_model('res2netplus50', output_stride=12)
