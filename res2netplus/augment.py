@@ -178,10 +178,10 @@ class AlbumentationsTransform(ItemTransform):
         return tuple(item)
 
 # %% ../nbs/04_augment.ipynb #963156b0
-def res2netplus_augs(size:int, scale=(0.35, 1.), hflip:bool=True) -> A.Compose:
-    "The recommended training augmentation at `size` pixels (used by the recipe and the command line)"
+def res2netplus_augs(size:int, scale=(0.35, 1.), hflip:bool=True, fill_mask:int=0) -> A.Compose:
+    "The recommended training augmentation at `size` pixels; `fill_mask` labels the mask pixels that rotation pads"
     return A.Compose([A.RandomResizedCrop((size, size), scale=scale),
                       A.HorizontalFlip(p=0.5 if hflip else 0.),
-                      A.Affine(translate_percent=(-0.0625, 0.0625), rotate=(-10, 10), p=0.5),
+                      A.Affine(translate_percent=(-0.0625, 0.0625), rotate=(-10, 10), fill_mask=fill_mask, p=0.5),
                       A.RandomBrightnessContrast(0.2, 0.2, p=0.3)],
                      bbox_params=A.BboxParams(**BOX_PARAMS))

@@ -29,6 +29,18 @@ def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
     if precision not in (None, 'fp32'): raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16' or None.")
     return learn
 
+def _with_mixer(cbs, mix:str|None) -> list:
+    "`cbs` as a list, plus the mixing callback of `mix` unless `cbs` already holds one"
+    cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+    mixer = None if any(isinstance(cb, Mixer) for cb in cbs) else mix_callback(mix)
+    return cbs + ([mixer] if mixer else [])
+
+def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None) -> Learner:
+    "Mixed precision and channels_last on a GPU (or as asked)"
+    on_gpu = torch.device(learn.dls.device or 'cpu').type == 'cuda'
+    if channels_last or (channels_last is None and on_gpu): learn.add_cb(ChannelsLast())
+    return _precision(learn, precision, on_gpu)
+
 def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pretrained:bool=False, loss_func=None,
                         opt_func=None, metrics=None, cbs=None, label_smoothing:float=RECIPE['label_smoothing'],
                         precision:str|None='auto', channels_last:bool|None=None, **kwargs) -> Learner:
@@ -36,14 +48,9 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pre
     single_label = isinstance(dls.loss_func, CrossEntropyLossFlat)
     if loss_func is None and single_label and label_smoothing: loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing)
     if metrics is None: metrics = accuracy if single_label else accuracy_multi if isinstance(dls.loss_func, BCEWithLogitsLossFlat) else None
-    cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
-    mixer = None if any(isinstance(cb, Mixer) for cb in cbs) else mix_callback(mix)  # a mixer passed in `cbs` replaces `mix`
-    cbs += [mixer] if mixer else []
     learn = vision_learner(dls, _arch(arch), pretrained=pretrained, loss_func=loss_func, opt_func=opt_func or RECIPE['opt_func'],
-                           metrics=metrics, cbs=cbs, **kwargs)
-    on_gpu = torch.device(dls.device or 'cpu').type == 'cuda'
-    if channels_last or (channels_last is None and on_gpu): learn.add_cb(ChannelsLast())
-    return _precision(learn, precision, on_gpu)
+                           metrics=metrics, cbs=_with_mixer(cbs, mix), **kwargs)
+    return _accelerate(learn, precision, channels_last)
 
 @patch
 def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.):
