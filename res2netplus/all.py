@@ -6,3 +6,4 @@ from res2netplus.models import *
 from res2netplus.data import *
 from res2netplus.augment import *
 from res2netplus.learner import *
+from res2netplus.segmentation import *

@@ -1,0 +1,105 @@
+"Segmentation heads and the segmentation learner: shapes, training on generated shapes, export, weights, mixing"
+import pytest, torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.vision.all import DataBlock, ImageBlock, MaskBlock, RandomSplitter, load_learner, set_seed, unet_learner
+from res2netplus.segmentation import (SEG_HEADS, create_seg_model, res2netplus_seg_learner, SegmentationLoss, MeanIoU, MeanDice,
+                                      FPNSegmentation, DeepLabV3Plus)
+from res2netplus.data import make_shapes, MaskFromImage, read_codes, image_files
+from res2netplus.augment import MixUp, Mixer
+from res2netplus.models import res2netplus50
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp('shapes')/'s', n_images=16, size=64, seed=1)
+
+def shape_dls(path, bs=4, size=None):
+    from fastai.vision.all import Resize
+    return DataBlock((ImageBlock, MaskBlock(read_codes(path/'codes.txt'))), get_items=image_files, get_y=MaskFromImage(path/'masks'),
+                     splitter=RandomSplitter(0.25, seed=0), item_tfms=Resize(size) if size else None).dataloaders(path/'images', bs=bs, num_workers=0)
+
+@pytest.mark.parametrize('head', list(SEG_HEADS))
+@pytest.mark.parametrize('output_stride', [32, 16, 8])
+def test_head_output_at_input_size(head, output_stride):
+    m = create_seg_model('res2netplus50', 5, head, img_size=(64, 64), output_stride=output_stride).eval()
+    for size in ((64, 64), (45, 67), (96, 33)):
+        with torch.no_grad(): assert m(torch.randn(2, 3, *size)).shape == (2, 5, *size)
+
+@pytest.mark.parametrize('head', list(SEG_HEADS))
+def test_loss_drops_and_iou_rises_on_shapes(shapes, head):
+    set_seed(0)
+    learn = res2netplus_seg_learner(shape_dls(shapes), 'res2netplus50', head=head, mix=None)
+    before = learn.validate()
+    learn.fit_recipe(6, 2e-3)
+    losses = [float(l) for l in learn.recorder.losses]
+    assert losses[-1] < 0.75 * losses[0], losses  # smoothed training loss
+    after = learn.recorder.values[-1]
+    assert after[1] < before[0] and after[3] > before[2], (before, after)  # valid loss down, mean IoU up
+
+@pytest.mark.parametrize('head', ['fpn', 'deeplabv3plus'])
+def test_export_round_trip_and_show_results(shapes, head, tmp_path):
+    import matplotlib; matplotlib.use('Agg')
+    learn = res2netplus_seg_learner(shape_dls(shapes), 'res2net50d', head=head, mix='mixup', dice_weight=0.5, path=tmp_path)
+    learn.fit(1, 1e-3)
+    assert learn.loss_func.dice_weight == 0.5 and torch.isfinite(torch.tensor(learn.recorder.losses)).all()
+    learn.show_results(max_n=2)
+    learn.export('m.pkl')
+    again = load_learner(tmp_path/'m.pkl')
+    img = image_files(shapes/'images')[0]
+    p0, p1 = learn.predict(img), again.predict(img)
+    assert (p0[0] == p1[0]).all() and torch.allclose(p0[2], p1[2], atol=1e-5) and p0[0].shape == (64, 64)
+    assert not any(isinstance(cb, Mixer) and cb.training for cb in again.cbs)
+
+def test_odd_sizes_return_masks_at_the_input_size(shapes):
+    "Not a multiple of 32: the heads pad and crop, DynamicUnet resizes; predictions match the input"
+    dls = shape_dls(shapes, bs=2, size=(45, 71))
+    for head in SEG_HEADS:
+        learn = res2netplus_seg_learner(dls, 'res2net50d', head=head, mix='cutmix')
+        learn.fit(1, 1e-3)
+        preds, targs = learn.get_preds()
+        assert preds.shape[-2:] == targs.shape[-2:] == (45, 71), head
+
+def test_segmentation_dataloaders_and_unet_options(seg_dls):
+    "fastai's SegmentationDataLoaders; U-Net with self-attention and blur; one-channel input"
+    learn = res2netplus_seg_learner(seg_dls, res2netplus50, head='unet', self_attention=True, blur=True, mix=None)
+    assert any('SelfAttention' in type(m).__name__ for m in learn.model.modules())
+    learn.fit(1, 1e-3)
+    m = create_seg_model(res2netplus50, 2, 'unet', img_size=(64, 64), n_in=1).eval()
+    assert m(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+    m = create_seg_model(res2netplus50, 2, 'deeplabv3plus', n_in=1).eval()
+    assert m(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+    learn = unet_learner(seg_dls, res2netplus50, pretrained=False)  # fastai's own entry point keeps working
+    assert learn.model(seg_dls.one_batch()[0]).shape[1] == 2
+
+def test_weights_file_freezes_the_body_and_loads_it(seg_dls, tmp_path):
+    import safetensors.torch
+    src = res2netplus50()
+    safetensors.torch.save_file(src.state_dict(), tmp_path/'w.safetensors')
+    learn = res2netplus_seg_learner(seg_dls, 'res2netplus50', head='deeplabv3plus', weights=tmp_path/'w.safetensors', output_stride=8)
+    body = learn.model.body
+    assert not any(p.requires_grad for p in body[-1].parameters()) and all(p.requires_grad for p in learn.model.head.parameters())
+    torch.testing.assert_close(body[4][0].conv1.weight, src.layer1[0].conv1.weight)
+    assert body[-1][1].convs[0].dilation == (4, 4)
+
+def test_mixup_weighs_the_pixel_loss_of_both_masks():
+    "MixUp on masks with SegmentationLoss: λ-weighted per-pixel loss over labelled pixels, by hand"
+    torch.manual_seed(0)
+    pred, y = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    y[0, 0] = 255
+    perm, lam = torch.tensor([1, 0]), torch.tensor([0.7, 0.2])
+    mixer = MixUp(); mixer.user_loss = SegmentationLoss(dice_weight=0.3)
+    mixer.learn = type('L', (), {'training': True})()
+    w = lam.view(2, 1, 1).expand(2, 4, 4)
+    mixer.weights, mixer.perm_yb = [w], [y[perm]]
+    got = mixer.loss(pred, y)
+    per_pixel = SegmentationLoss(dice_weight=0.3, reduction='none')
+    l1, l2 = per_pixel(pred, y), per_pixel(pred, y[perm])
+    v1, v2 = (y != 255).float(), (y[perm] != 255).float()
+    torch.testing.assert_close(got, (w*l1 + (1-w)*l2).sum() / (w*v1 + (1-w)*v2).sum())
+
+def test_bad_input_says_how_to_fix(seg_dls):
+    with pytest.raises(ValueError, match='Unknown head'): res2netplus_seg_learner(seg_dls, head='pspnet')
+    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'): res2netplus_seg_learner(seg_dls, head='fpn', output_stride=4)
+    with pytest.raises(ValueError, match='Did you mean'): res2netplus_seg_learner(seg_dls, 'res2netplus5')
+    with pytest.raises(ValueError, match='n_in=4'): create_seg_model(res2netplus50, 2, 'fpn').eval()(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match='do not match'): SegmentationLoss()(torch.randn(2, 3, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long))
