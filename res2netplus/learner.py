@@ -4,14 +4,20 @@
 
 # %% ../nbs/05_learner.ipynb #9b3b21c1
 from __future__ import annotations
+import os, random
+from pathlib import Path
+import numpy as np
 import torch
+from fastcore.foundation import L
 from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat,
-                               accuracy, accuracy_multi, ChannelsLast)
+                               accuracy, accuracy_multi, ChannelsLast, Callback, TrackerCallback, TerminateOnNaNCallback,
+                               CancelFitException, SkipToEpoch, set_seed, noop)
 from .models import RES2NET_FACTORIES, res2netplus50, variant_row
-from .augment import Mixer, mix_callback
+from .augment import Mixer, mix_callback, AlbumentationsTransform
 
 # %% auto #0
-__all__ = ['RECIPE', 'res2netplus_learner']
+__all__ = ['RECIPE', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'SaveBestWeights',
+           'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)
@@ -52,14 +58,118 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pre
                            metrics=metrics, cbs=_with_mixer(cbs, mix), **kwargs)
     return _accelerate(learn, precision, channels_last)
 
+# %% ../nbs/05_learner.ipynb #5a9e0f13
+def _epoch_seed(seed:int, phase:int, epoch:int) -> int: return int(np.random.SeedSequence([seed, phase, epoch]).generate_state(1)[0])
+
+class EpochSeed(Callback):
+    "Reseed torch, numpy, random, the loaders' shuffling and albumentations before each epoch, from (seed, phase, epoch)"
+    order = 80  # after fastai's SkipToEpoch (70): skipped epochs draw nothing
+    def __init__(self, seed:int, phase:int=0): self.seed, self.phase = seed, phase
+    def before_epoch(self):
+        s = _epoch_seed(self.seed, self.phase, self.epoch)
+        set_seed(s)
+        for i, dl in enumerate(self.dls.loaders):
+            dl.rng = random.Random(s + i)
+            for t in dl.after_item.fs:
+                if isinstance(t, AlbumentationsTransform): t._seeded_in = None  # reseeds from numpy at its next item
+
+def _skipping(learn) -> bool: return getattr(learn, '_skipping_epoch', False)
+
+class _RecipeControl(Callback):
+    "Epochs that fastai's `SkipToEpoch` passes over leave no row in the recorder, the progress table or the CSV log; a cancelled fit ends the recipe"
+    order = 95
+    def before_fit(self): self.learn._fit_cancelled = False
+    def after_cancel_fit(self): self.learn._fit_cancelled = True
+    def after_cancel_epoch(self):
+        self.learn._skipping_epoch = True
+        self.shown_logger, self.learn.logger = self.learn.logger, noop
+    def after_epoch(self):
+        if not _skipping(self.learn): return
+        self.learn.logger, self.learn._skipping_epoch = self.shown_logger, False
+        self.recorder.values.pop(); self.recorder.iters.pop()
+
+def _plain(o):
+    "`o` with numpy scalars as Python numbers and paths as strings, so that `torch.load(weights_only=True)` reads it back"
+    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, L)): return (tuple if isinstance(o, tuple) else list)(_plain(v) for v in o)
+    if isinstance(o, np.generic): return o.item()
+    if isinstance(o, np.ndarray): return torch.from_numpy(o)
+    return str(o) if isinstance(o, Path) else o
+
+def read_checkpoint(path) -> dict:
+    "A checkpoint written by `RunCheckpoint`, read without unpickling code; a missing or damaged file raises a `ValueError` naming the fix"
+    path = Path(path)
+    if not path.is_file(): raise ValueError(f"No checkpoint at {path}: resuming needs the checkpoint.pth of an interrupted run (start the run without resuming).")
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"The checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): it is damaged. Checkpoints are replaced "
+                         "atomically, so this file was not written by an interrupted save; delete it and start the run again.") from None
+
 @patch
-def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.):
-    "Train with the recipe's schedule; a frozen (pretrained) body first trains the head for `freeze_epochs`, as `fine_tune` does"
+def load_run_checkpoint(self:Learner, ckpt:dict) -> tuple:
+    "Load the model and optimizer state of a `RunCheckpoint` (see `read_checkpoint`); returns the (phase, epoch) to resume at"
+    if self.opt is None: self.create_opt()
+    self.model.load_state_dict(ckpt['model'])
+    opt = {**ckpt['opt'], 'hypers': L(ckpt['opt']['hypers'])}  # saved as lists: fastai keeps them in `L`s
+    if opt.get('slow_weights') is not None: opt['slow_weights'] = L(L(pg) for pg in opt['slow_weights'])
+    self.opt.load_state_dict(opt)
+    return ckpt['phase'], ckpt['epoch'] + 1
+
+class RunCheckpoint(Callback):
+    "After each epoch, save what continues the run exactly (model, optimizer, phase, epoch, `info`) to `fname`, atomically"
+    order = 90
+    def __init__(self, fname='checkpoint.pth', phase:int=0, info:dict|None=None): self.fname, self.phase, self.info = Path(fname), phase, info or {}
+    def after_epoch(self):
+        if _skipping(self.learn): return
+        best = next(((cb.best, cb.best_epoch) for cb in self.learn.cbs if isinstance(cb, SaveBestWeights)), None)
+        state = dict(model=self.learn.model.state_dict(), opt=_plain(self.learn.opt.state_dict()), phase=self.phase, epoch=self.epoch,
+                     n_epoch=self.n_epoch, best=_plain(best), **_plain(self.info))
+        path = self.path/self.fname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + '.part')
+        torch.save(state, part)
+        os.replace(part, path)  # atomic: a run killed while saving keeps the previous checkpoint
+
+class StopOnNaN(TerminateOnNaNCallback):
+    "fastai's `TerminateOnNaNCallback` that remembers where the loss stopped being finite: `learn.nan_at` = (epoch, batch)"
+    def after_batch(self):
+        if not torch.isfinite(self.loss).all():
+            self.learn.nan_at = (self.epoch, self.iter)
+            raise CancelFitException
+
+class SaveBestWeights(TrackerCallback):
+    "Save the weights to `fname` (safetensors) whenever `monitor` improves; the model keeps training from its own weights"
+    order = TrackerCallback.order + 1
+    def __init__(self, fname='best.safetensors', monitor:str='valid_loss', best:tuple|None=None):
+        "`best`: (value, epoch) so far, from a checkpoint"
+        super().__init__(monitor=monitor, reset_on_fit=False)
+        self.fname, (self.best, self.best_epoch) = Path(fname), best or (None, None)
+    def after_epoch(self):
+        if _skipping(self.learn): return
+        super().after_epoch()
+        if self.new_best:
+            import safetensors.torch
+            (self.path/self.fname).parent.mkdir(parents=True, exist_ok=True)
+            safetensors.torch.save_file({k: v.contiguous() for k, v in self.learn.model.state_dict().items()}, self.path/self.fname)
+            self.best_epoch = self.epoch
+
+def recipe_phases(learn:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.) -> list:
+    "The fits of `fit_recipe` as (epochs, lr, unfreeze first): a frozen (pretrained) body trains the head alone first"
     lr = lr or RECIPE['lr']
+    if all(p.requires_grad for p in learn.model.parameters()): return [(epochs, lr, False)]
+    return [(freeze_epochs, slice(lr), False), (epochs, slice(lr/2/lr_mult, lr/2), True)]
+
+@patch
+def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100., seed:int|None=None,
+               checkpoint=None, start=(0, 0), cbs=None, run_info:dict|None=None):
+    "Train with the recipe's schedule; `seed`: every epoch reproducible; `checkpoint`: saved after each epoch; `start`: (phase, epoch) to resume at"
     fit = getattr(self, RECIPE['schedule'])
-    if not all(p.requires_grad for p in self.model.parameters()):
-        fit(freeze_epochs, slice(lr))
-        lr /= 2
-        self.unfreeze()
-        return fit(epochs, slice(lr/lr_mult, lr))
-    return fit(epochs, lr)
+    for i, (n_epoch, lr_i, unfreeze) in enumerate(recipe_phases(self, epochs, lr, freeze_epochs, lr_mult)):
+        if unfreeze: self.unfreeze()
+        first = 0 if i > start[0] else start[1] if i == start[0] else n_epoch
+        if first >= n_epoch: continue  # a phase the resumed run had finished
+        phase_cbs = [_RecipeControl(), *([EpochSeed(seed, i)] if seed is not None else []),
+                     *([RunCheckpoint(checkpoint, i, run_info)] if checkpoint else []), *([SkipToEpoch(first)] if first else []), *(cbs or [])]
+        fit(n_epoch, lr_i, cbs=phase_cbs)  # SkipToEpoch directly: fastai 2.8.12's fit_flat_cos drops its start_epoch
+        if getattr(self, '_fit_cancelled', False): break  # e.g. StopOnNaN: the next phase would start from broken weights
+

@@ -21,6 +21,6 @@ def test_fit_recipe_unfreezes_a_pretrained_body_like_fine_tune(dls, tmp_path):
 def test_fit_recipe_from_scratch_uses_the_recipe_schedule(dls, monkeypatch):
     learn = res2netplus_learner(dls, 'res2netplus50', mix=None)
     calls = []
-    monkeypatch.setattr(type(learn), RECIPE['schedule'], lambda self, n, lr: calls.append((n, lr)))
+    monkeypatch.setattr(type(learn), RECIPE["schedule"], lambda self, n, lr, **kw: calls.append((n, lr)))
     learn.fit_recipe(3)
     assert calls == [(3, RECIPE['lr'])]
