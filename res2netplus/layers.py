@@ -4,21 +4,26 @@
 
 # %% ../nbs/00_layers.ipynb #4e10edec
 from __future__ import annotations
-import math
+import math, os, warnings
+from contextlib import contextmanager
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from timm.layers import DropPath
 import torch.nn.functional as F
 from timm.models.resnet import downsample_avg, downsample_conv
+from fastai.layers import ConvLayer
 
 # %% auto #0
-__all__ = ['conv_act_norm', 'check_block_config', 'DilatedAvgPool2d', 'Bottle2neck', 'res2net_shortcut', 'res2net_stage']
+__all__ = ['FAST_PATHS', 'conv_act_norm', 'check_block_config', 'DilatedAvgPool2d', 'Bottle2neck', 'res2net_shortcut',
+           'res2net_stage', 'set_fast_path', 'fast_path', 'MishBatchNorm', 'BatchNormAddMish', 'act_norm',
+           'norm_add_act', 'ConvActNorm']
 
 # %% ../nbs/00_layers.ipynb #99c55666
 def conv_act_norm(conv:nn.Module, norm:nn.Module, act:nn.Module, x:torch.Tensor, bn_1st:bool=True) -> torch.Tensor:
-    "`act(norm(conv(x)))` when `bn_1st`, else Res2NetPlus's `norm(act(conv(x)))`"
+    "`act(norm(conv(x)))` when `bn_1st`, else Res2NetPlus's `norm(act(conv(x)))` (through the fused `act_norm`)"
     x = conv(x)
-    return act(norm(x)) if bn_1st else norm(act(x))
+    return act(norm(x)) if bn_1st else act_norm(act, norm, x)
 
 # %% ../nbs/00_layers.ipynb #733af643
 def check_block_config(planes:int, base_width:int, scale:int, cardinality:int):
@@ -90,9 +95,9 @@ class Bottle2neck(nn.Module):
             sp = conv_act_norm(conv, bn, self.act, sp, self.bn_1st)
             outs.append(sp)
         if self.scale > 1: outs.append(splits[-1] if self.pool is None else self.pool(splits[-1]))
-        out = self.bn3(self.conv3(torch.cat(outs, 1)))
+        out = self.conv3(torch.cat(outs, 1))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act(self.drop_path(out) + shortcut)
+        return norm_add_act(self.bn3, self.act, out, shortcut, self.drop_path)
 
 # %% ../nbs/00_layers.ipynb #4c87cd68
 def res2net_shortcut(inplanes:int, outplanes:int, stride:int=1, avg_down:bool=False, dilation:int=1, first_dilation:int=1) -> nn.Module:
@@ -115,3 +120,224 @@ def res2net_stage(inplanes:int, planes:int, n_blocks:int, stride:int=1, avg_down
                                        downsample if i == 0 else None, drop_path=dprs[i],
                                        dilation=first_dilation if i == 0 else dilation, **block_kwargs)
                            for i in range(n_blocks)])
+
+# %% ../nbs/00_layers.ipynb #a6f0c102
+def _vec(v): return v[None, :, None, None]  # a per-channel vector, broadcast over (N, C, H, W)
+
+def _mish_tsp(y):
+    "`tanh(softplus(y))` and `sigmoid(y)` from a single exp: tanh(log1p(e)) = e(e+2) / (e(e+2)+2)"
+    e = torch.exp(y.clamp(max=20.))
+    n = e * (e + 2.)
+    return n / (n + 2.), e / (e + 1.)
+
+def _mish_and_grad(y):
+    tsp, sig = _mish_tsp(y)
+    return y * tsp, tsp + y * sig * (1. - tsp * tsp)
+
+def _bn_stats(a, eps):
+    var, mean = torch.var_mean(a.float(), (0, 2, 3), correction=0)
+    return mean, var, torch.rsqrt(var + eps)
+
+def _bn_grad(g, xhat, w, invstd):
+    "BatchNorm's training-mode backward, given the normalized input `xhat`"
+    gm, gxm = g.mean((0, 2, 3), keepdim=True), (g * xhat).mean((0, 2, 3), keepdim=True)
+    return (g - gm - xhat * gxm) * _vec(invstd * w), (g * xhat).sum((0, 2, 3)), g.sum((0, 2, 3))
+
+def _k_mish_bn_fwd(y, w, b, eps:float):
+    a = y * _mish_tsp(y)[0]
+    mean, var, invstd = _bn_stats(a, eps)
+    return ((a - _vec(mean)) * _vec(invstd * w) + _vec(b)).to(y.dtype), mean, var, invstd
+
+def _k_mish_bn_bwd(g, y, w, mean, invstd):
+    a, dmish = _mish_and_grad(y)
+    ga, gw, gb = _bn_grad(g, (a - _vec(mean)) * _vec(invstd), w, invstd)
+    return (ga * dmish).to(y.dtype), gw, gb
+
+def _k_bn_add_mish_fwd(c, r, w, b, eps:float):
+    mean, var, invstd = _bn_stats(c, eps)
+    s = (c - _vec(mean)) * _vec(invstd * w) + _vec(b) + r
+    return (s * _mish_tsp(s)[0]).to(c.dtype), mean, var, invstd
+
+def _k_bn_add_mish_bwd(g, c, r, w, b, mean, invstd):
+    xhat = (c - _vec(mean)) * _vec(invstd)
+    gs = g * _mish_and_grad(xhat * _vec(w) + _vec(b) + r)[1]
+    gc, gw, gb = _bn_grad(gs, xhat, w, invstd)
+    return gc.to(c.dtype), gs.to(r.dtype), gw, gb
+
+def _k_mish_affine(y, scale, shift): return y * _mish_tsp(y)[0] * _vec(scale) + _vec(shift)
+
+def _k_affine_add_mish(c, scale, shift, r):
+    s = c * _vec(scale) + _vec(shift) + r
+    return s * _mish_tsp(s)[0]
+
+# %% ../nbs/00_layers.ipynb #a6f0c103
+def _a_mish_bn_fwd(y, w, b, eps:float, running_mean=None, running_var=None, momentum:float=0.):
+    z, mean, invstd = torch.native_batch_norm(F.mish(y), w, b, running_mean, running_var, True, momentum, eps)
+    return z, mean, invstd
+
+def _a_mish_bn_bwd(g, y, w, mean, invstd, eps:float):
+    ga, gw, gb = torch.ops.aten.native_batch_norm_backward(g, F.mish(y), w, None, None, mean, invstd, True, eps, [True]*3)
+    return torch.ops.aten.mish_backward(ga, y), gw, gb
+
+def _a_bn_add_mish_fwd(c, r, w, b, eps:float, running_mean=None, running_var=None, momentum:float=0.):
+    z, mean, invstd = torch.native_batch_norm(c, w, b, running_mean, running_var, True, momentum, eps)
+    return F.mish(z.add_(r)), mean, invstd
+
+def _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, eps:float):
+    s = torch.addcmul(_vec(b), c - _vec(mean), _vec(invstd * w)).add_(r)
+    gs = torch.ops.aten.mish_backward(g, s)
+    gc, gw, gb = torch.ops.aten.native_batch_norm_backward(gs, c, w, None, None, mean, invstd, True, eps, [True]*3)
+    return gc, gs, gw, gb
+
+# %% ../nbs/00_layers.ipynb #a6f0c104
+FAST_PATHS = ('compiled', 'aten', 'reference')
+_fast = dict(path=os.environ.get('RES2NETPLUS_FAST_PATH', 'compiled'), failed=None)
+_KERNELS = dict(mish_bn_fwd=_k_mish_bn_fwd, mish_bn_bwd=_k_mish_bn_bwd, bn_add_mish_fwd=_k_bn_add_mish_fwd,
+                bn_add_mish_bwd=_k_bn_add_mish_bwd, mish_affine=_k_mish_affine, affine_add_mish=_k_affine_add_mish)
+_compiled = {}
+
+def set_fast_path(path:str) -> str:
+    "Run Mish + BatchNorm as `'compiled'` kernels, `'aten'` (PyTorch's kernels) or `'reference'` modules; returns the old setting"
+    if path not in FAST_PATHS: raise ValueError(f"The fast path must be one of {FAST_PATHS}, got {path!r}.")
+    old, _fast['path'] = _fast['path'], path
+    return old
+
+@contextmanager
+def fast_path(path:str):
+    "Context manager: `with fast_path('reference'): ...` runs the straightforward modules"
+    old = set_fast_path(path)
+    try: yield
+    finally: set_fast_path(old)
+
+def _tracing() -> bool:
+    "Under torch.compile, torch.export, ONNX export or jit tracing the plain ops are traced (and fused by the compiler)"
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+def _run_compiled(name, *args):
+    "Run the inductor kernel `name`, or return None (and warn once) where this machine cannot compile it"
+    if _fast['failed'] is not None: return None
+    if name not in _compiled: _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # parameters would get static shapes
+    try: return _compiled[name](*args)
+    except Exception as e:
+        _fast['failed'] = e
+        warnings.warn(f"res2netplus could not compile its fused Mish kernels ({type(e).__name__}: {e}); it falls back to "
+                      "PyTorch's kernels (same results, slower). set_fast_path('aten') silences this.")
+        return None
+
+def _hooked(*mods) -> bool:
+    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+
+def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
+    if _fast['path'] == 'reference' or _tracing() or not isinstance(act, nn.Mish) or y.dim() != 4: return 'reference'
+    # measured and tested on CPU float32; mixed precision (autocast, fp16/bf16 tensors) and GPUs keep PyTorch's own modules
+    if y.device.type != 'cpu' or y.dtype != torch.float32 or torch.is_autocast_enabled(y.device.type): return 'reference'
+    if _hooked(act, norm): return 'reference'  # forward hooks (fastai's ActivationStats, say) see every module run
+    if isinstance(norm, nn.BatchNorm2d) and not norm.affine: return 'reference'
+    if not isinstance(norm, (nn.BatchNorm2d, nn.Identity)): return 'reference'
+    compiled = _fast['path'] == 'compiled' and y.device.type == 'cpu' and y.dtype == torch.float32 and _fast['failed'] is None
+    return 'compiled' if compiled else 'aten'
+
+def _momentum(bn:nn.BatchNorm2d) -> float:
+    "nn.BatchNorm2d's own bookkeeping: count the batch, return the running-average factor"
+    if not bn.track_running_stats or bn.num_batches_tracked is None: return bn.momentum or 0.
+    bn.num_batches_tracked.add_(1)
+    return 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+def _update_running(bn, mean, var, momentum, n):
+    if bn.running_mean is None: return
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
+
+def _eval_affine(norm:nn.Module, like:torch.Tensor):
+    "BatchNorm in eval mode (or an Identity) as a per-channel scale and shift"
+    if isinstance(norm, nn.Identity): return like.new_ones(like.shape[1]), like.new_zeros(like.shape[1])
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    return scale, norm.bias - norm.running_mean * scale
+
+def _inference(y, norm) -> bool:
+    needs_grad = torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in norm.parameters()))
+    return not needs_grad and not norm.training and getattr(norm, 'running_mean', 0) is not None
+
+def _fmt(t): return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
+
+# %% ../nbs/00_layers.ipynb #a6f0c105
+class MishBatchNorm(torch.autograd.Function):
+    "`bn(mish(y))` in training mode, saving only `y`: Mish is recomputed in the backward pass"
+    @staticmethod
+    def forward(ctx, y, weight, bias, bn, compiled:bool):
+        momentum, n = _momentum(bn), y.numel() // y.shape[1]
+        res = _run_compiled('mish_bn_fwd', y, weight, bias, bn.eps) if compiled else None
+        if res is not None:
+            z, mean, var, invstd = res
+            _update_running(bn, mean, var, momentum, n)
+        else: z, mean, invstd = _a_mish_bn_fwd(y, weight, bias, bn.eps, bn.running_mean, bn.running_var, momentum)
+        ctx.save_for_backward(y, weight, mean, invstd)
+        ctx.eps, ctx.compiled = bn.eps, res is not None
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        y, w, mean, invstd = ctx.saved_tensors
+        g = g.contiguous(memory_format=_fmt(y))
+        res = _run_compiled('mish_bn_bwd', g, y, w, mean, invstd) if ctx.compiled else None
+        gy, gw, gb = res if res is not None else _a_mish_bn_bwd(g, y, w, mean, invstd, ctx.eps)
+        return gy, gw, gb, None, None
+
+class BatchNormAddMish(torch.autograd.Function):
+    "`mish(bn(c) + r)` in training mode, saving `c` and `r` (often the block input, saved anyway) instead of the sum"
+    @staticmethod
+    def forward(ctx, c, r, weight, bias, bn, compiled:bool):
+        momentum, n = _momentum(bn), c.numel() // c.shape[1]
+        r = r.contiguous(memory_format=_fmt(c))
+        res = _run_compiled('bn_add_mish_fwd', c, r, weight, bias, bn.eps) if compiled else None
+        if res is not None:
+            out, mean, var, invstd = res
+            _update_running(bn, mean, var, momentum, n)
+        else: out, mean, invstd = _a_bn_add_mish_fwd(c, r, weight, bias, bn.eps, bn.running_mean, bn.running_var, momentum)
+        ctx.save_for_backward(c, r, weight, bias, mean, invstd)
+        ctx.eps, ctx.compiled = bn.eps, res is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        c, r, w, b, mean, invstd = ctx.saved_tensors
+        g = g.contiguous(memory_format=_fmt(c))
+        res = _run_compiled('bn_add_mish_bwd', g, c, r, w, b, mean, invstd) if ctx.compiled else None
+        gc, gr, gw, gb = res if res is not None else _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, ctx.eps)
+        return gc, gr, gw, gb, None, None
+
+# %% ../nbs/00_layers.ipynb #a6f0c106
+def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
+    "`norm(act(y))`; Mish + BatchNorm2d (or a folded Identity) run fused and memory-lean unless `fast_path('reference')`"
+    path = _path(y, act, norm)
+    if path == 'reference': return norm(act(y))
+    if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
+        return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
+    if path == 'compiled' and _inference(y, norm):
+        res = _run_compiled('mish_affine', y, *_eval_affine(norm, y))
+        if res is not None: return res
+    return norm(act(y))
+
+def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, drop_path:nn.Module|None=None) -> torch.Tensor:
+    "`act(drop_path(norm(c)) + r)`, the end of a residual block; fused for Mish like `act_norm` when nothing is dropped"
+    path = _path(c, act, norm)
+    dropping = drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training
+    if path != 'reference' and not dropping and not _hooked(drop_path) and c.shape == r.shape:
+        if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:
+            return BatchNormAddMish.apply(c, r, norm.weight, norm.bias, norm, path == 'compiled')
+        if path == 'compiled' and _inference(c, norm) and not r.requires_grad:
+            res = _run_compiled('affine_add_mish', c, *_eval_affine(norm, c), r.contiguous(memory_format=_fmt(c)))
+            if res is not None: return res
+    c = norm(c)
+    return act((c if drop_path is None else drop_path(c)) + r)
+
+class ConvActNorm(ConvLayer):
+    "fastai's `ConvLayer` (same layers, same keys) whose conv → Mish → BatchNorm runs through `act_norm`"
+    def forward(self, x):
+        if len(self) == 3 and isinstance(self[0], nn.Conv2d) and isinstance(self[1], nn.Mish):
+            return act_norm(self[1], self[2], self[0](x))
+        return super().forward(x)

@@ -1,0 +1,80 @@
+"The deployment form: exact BatchNorm folding, channels_last, ONNX with onnxruntime, torch.export, torch.compile"
+import copy
+import pytest, torch
+from torch import nn
+from res2netplus.deploy import fuse_for_inference, export_onnx, check_torch_export, fold_bn_into_next
+from res2netplus.models import res2netplus50, res2net50_26w_4s, res2net50d
+from conftest import randomize_bn
+
+def n_bn(m): return sum(isinstance(b, nn.modules.batchnorm._BatchNorm) for b in m.modules())
+
+@pytest.fixture(scope='module')
+def plus(): return randomize_bn(res2netplus50(n_out=5)).eval()
+
+@pytest.mark.parametrize('factory', [res2netplus50, res2net50_26w_4s, res2net50d])
+def test_fused_equals_original(factory):
+    m = randomize_bn(factory(n_out=5)).eval()
+    before = copy.deepcopy(m.state_dict())
+    f = fuse_for_inference(m)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        assert (f(x.to(memory_format=torch.channels_last)) - ref).abs().max() <= 1e-4
+        assert (f(x) - ref).abs().max() <= 1e-4
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    assert all(not p.requires_grad for p in f.parameters())
+    assert f.stem1[0].weight.is_contiguous(memory_format=torch.channels_last) if hasattr(f, 'stem1') else True
+    assert n_bn(m) - n_bn(f) == f.n_folded_bn
+    if factory is res2netplus50:  # 16 bn3 + 4 shortcut BNs + 16 last-split BNs
+        assert f.n_folded_bn == 36
+    else: assert n_bn(f) == 0  # conv → BN everywhere: all folded
+
+def test_fold_into_next_is_exact_for_1x1_and_refuses_padding():
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(6))).eval()[0]
+    conv = nn.Conv2d(10, 4, 1)
+    with torch.no_grad():
+        y = torch.randn(2, 10, 5, 5)
+        ref = conv(torch.cat([y[:, :2], bn(y[:, 2:8]), y[:, 8:]], 1))
+        fold_bn_into_next(bn, conv, start=2)
+        assert (conv(y) - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match='1×1 ungrouped conv without padding'):
+        fold_bn_into_next(bn, nn.Conv2d(6, 4, 3, padding=1))
+
+@pytest.fixture(scope='module')
+def learn(dls):
+    from fastai.vision.all import vision_learner
+    learn = vision_learner(dls, res2netplus50, pretrained=False)
+    randomize_bn(learn.model)
+    for m in learn.model[1].modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.2, 0.2); m.running_var.uniform_(0.5, 1.5); m.weight.data.uniform_(0.5, 1.5)
+    return learn
+
+def test_fuses_a_learners_model(learn):
+    f = fuse_for_inference(learn)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in f.modules())  # the head's BatchNorm1d went into the Linears
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert (f(x) - learn.model.eval()(x)).abs().max() <= 1e-4
+
+def test_onnx_round_trip_of_learner_and_deploy_form(learn, plus, tmp_path):
+    pytest.importorskip('onnxruntime')
+    res = export_onnx(learn, tmp_path/'learner.onnx', size=64, fuse=False)
+    assert res['max_abs_diff'] <= 1e-4 and (tmp_path/'learner.onnx').exists()
+    res = export_onnx(plus, tmp_path/'deploy.onnx', size=64)
+    assert res['max_abs_diff'] <= 1e-4 and res['exporter'] == 'dynamo'
+
+def test_torch_export(plus):
+    ep = check_torch_export(plus, size=64)
+    x = torch.randn(3, 3, 64, 64)  # another batch size: the batch dimension is dynamic
+    with torch.no_grad(): assert (ep.module()(x) - plus(x)).abs().max() <= 1e-4
+
+def test_compile_has_no_graph_breaks(plus):
+    f = fuse_for_inference(plus)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch._dynamo.explain(f)(x).graph_break_count == 0
+        assert torch._dynamo.explain(plus)(x).graph_break_count == 0
+
+def test_bad_input_says_what_is_expected():
+    with pytest.raises(ValueError, match='nn.Module or a fastai Learner'): fuse_for_inference('res2netplus50')

@@ -1,0 +1,112 @@
+"The fused Mish + BatchNorm paths (`'compiled'`, `'aten'`) against the straightforward modules (`'reference'`)"
+import copy, warnings
+import pytest, torch
+from torch import nn
+from res2netplus import layers
+from res2netplus.layers import fast_path, Bottle2neck
+from res2netplus.models import res2netplus50, res2net50d
+from conftest import randomize_bn
+
+def run(model, x, path, train=True, seed=0):
+    "Output, input gradient, parameter gradients and buffers of a copy of `model` after one step on `path`"
+    m = copy.deepcopy(model).train(train)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    with fast_path(path): out = m(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    return dict(out=out.detach(), grad_x=x.grad, **{f'grad {n}': p.grad for n, p in m.named_parameters()},
+                **{f'buffer {n}': b.float() for n, b in m.named_buffers()})
+
+def assert_same(a, b, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(b[k].abs().max().item(), 1e-3)
+        assert (a[k] - b[k]).abs().max().item() <= rtol * scale + 1e-6, f'{k}: {(a[k] - b[k]).abs().max().item():.2e} (scale {scale:.2e})'
+
+@pytest.fixture(scope='module')
+def plus():
+    torch.manual_seed(0)
+    return randomize_bn(res2netplus50(n_out=7))  # bn3 gammas > 0: the residual branches matter
+
+@pytest.mark.parametrize('path', ['aten', 'compiled'])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_training_step_equals_reference(plus, path, channels_last):
+    x = torch.randn(2, 3, 64, 64)
+    m = plus
+    if channels_last: x, m = x.to(memory_format=torch.channels_last), copy.deepcopy(plus).to(memory_format=torch.channels_last)
+    assert_same(run(m, x, path), run(m, x, 'reference'))
+
+def test_running_stats_over_steps_and_momentum_none(plus):
+    "Several steps (running averages compound), and BatchNorm's cumulative average (momentum=None)"
+    m = copy.deepcopy(plus)
+    for b in m.modules():
+        if isinstance(b, nn.BatchNorm2d) and b.num_features % 2: b.momentum = None
+    states = {}
+    for path in ('reference', 'compiled'):
+        mm = copy.deepcopy(m).train()
+        with fast_path(path):
+            for i in range(3): mm(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)))
+        states[path] = {k: v.float() for k, v in mm.state_dict().items()}
+    assert_same(states['compiled'], states['reference'])
+
+def test_eval_kernels_equal_reference(plus):
+    x = torch.randn(2, 3, 64, 64)
+    m = copy.deepcopy(plus).eval()
+    with torch.no_grad():
+        with fast_path('reference'): ref = m(x)
+        with fast_path('compiled'): out = m(x)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    # eval mode with gradients (frozen BatchNorm fine-tuning) keeps the reference modules
+    assert_same(run(m, x, 'compiled', train=False), run(m, x, 'reference', train=False))
+
+def test_drop_path_is_reference_and_seeded():
+    torch.manual_seed(0)
+    m = randomize_bn(res2netplus50(n_out=3, drop_path_rate=0.3))
+    x = torch.randn(2, 3, 64, 64)
+    assert_same(run(m, x, 'compiled', seed=1), run(m, x, 'reference', seed=1))
+
+def test_plain_variants_do_not_change():
+    torch.manual_seed(0)
+    m = randomize_bn(res2net50d(n_out=3))
+    x = torch.randn(2, 3, 64, 64)
+    a, b = run(m, x, 'compiled'), run(m, x, 'reference')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+def saved_bytes(fn):
+    "Bytes of distinct tensor storages autograd saves for the backward pass while running `fn`"
+    seen = {}
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): out = fn()
+    return sum(seen.values()), out
+
+def test_fused_path_saves_less_for_backward():
+    torch.manual_seed(0)
+    block = Bottle2neck(256, 64, act_cls=nn.Mish, bn_1st=False).train()
+    x = torch.randn(4, 256, 16, 16, requires_grad=True)
+    sizes = {}
+    for path in ('reference', 'aten', 'compiled'):
+        with fast_path(path): sizes[path], _ = saved_bytes(lambda: block(x))
+    # reference: per act→BN the conv output, the Mish output and the BN output; fused: no Mish output, no sum at the end
+    assert sizes['aten'] == sizes['compiled'] <= 0.8 * sizes['reference']
+
+def test_hooks_see_every_module():
+    m = Bottle2neck(256, 64, act_cls=nn.Mish, bn_1st=False)
+    seen = []
+    m.bn1.register_forward_hook(lambda *a: seen.append('bn1'))
+    m(torch.randn(2, 256, 8, 8))
+    assert seen == ['bn1']
+
+def test_falls_back_when_compiling_fails(monkeypatch, plus):
+    def broken(*a): raise RuntimeError('no compiler here')
+    monkeypatch.setattr(layers, '_compiled', {k: broken for k in layers._KERNELS})
+    monkeypatch.setitem(layers._fast, 'failed', None)
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match='could not compile'): out = run(plus, x, 'compiled')
+    assert isinstance(layers._fast['failed'], RuntimeError)
+    assert_same(out, run(plus, x, 'reference'))
+
+def test_bad_path_says_what_is_allowed():
+    with pytest.raises(ValueError, match="one of"): layers.set_fast_path('fastest')
