@@ -7,3 +7,6 @@ from res2netplus.data import *
 from res2netplus.augment import *
 from res2netplus.learner import *
 from res2netplus.segmentation import *
+from res2netplus.detection import *
+from res2netplus.cascade import *
+from res2netplus.deploy import *

@@ -8,6 +8,7 @@ PY=${PYTHON:-python3}
 deps_ok() {
   "$PY" - <<'PYEOF' 2>/dev/null
 import torch, torchvision, fastai, timm, albumentations, safetensors, nbdev, pytest, hypothesis
+import pycocotools, onnx, onnxruntime, onnxscript, accelerate
 from packaging.version import Version as V
 assert V(torch.__version__.split('+')[0]) >= V('2.4')
 assert V(fastai.__version__) >= V('2.8.12') and V(timm.__version__) >= V('1.0')

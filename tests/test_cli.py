@@ -1,5 +1,6 @@
 "The command line end to end, on a tiny folder tree"
 import json, subprocess, sys
+from pathlib import Path
 import pytest
 from PIL import Image
 
@@ -28,6 +29,16 @@ def test_train_then_predict(image_folder, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     top = json.loads(r.stdout)[0]['top']
     assert len(top) == 1 and top[0]['label'] == learn.dls.vocab[int(probs.argmax())] and abs(top[0]['prob'] - float(probs.max())) < 1e-4
+    # the same from model.safetensors + config.json, without unpickling anything
+    cfg = json.loads((out/'config.json').read_text())
+    assert cfg['arch'] == 'res2netplus50' and cfg['classes'] == ['disc', 'square'] and cfg['size'] == [32, 32]
+    r = cli('predict', '--model', str(out/'model.safetensors'), '-k', '2', str(img))
+    assert r.returncode == 0, r.stderr[-3000:]
+    safe = {t['label']: t['prob'] for t in json.loads(r.stdout)[0]['top']}
+    assert all(abs(safe[c] - float(p)) < 1e-4 for c, p in zip(learn.dls.vocab, probs)), (safe, probs)
+    (tmp_path/'lonely').mkdir(); (tmp_path/'lonely'/'model.safetensors').write_bytes((out/'model.safetensors').read_bytes())
+    r = cli('predict', '--model', str(tmp_path/'lonely'/'model.safetensors'), str(img))
+    assert r.returncode == 2 and 'No config.json' in r.stderr and 'Traceback' not in r.stderr
     # an earlier run's model.safetensors continues training; another --arch is refused with the fix named
     r = cli('train', '--data', str(image_folder), '--size', '32', '--bs', '8', '--epochs', '1', '--weights', str(out/'model.safetensors'),
             '--out', str(tmp_path/'again'), '--workers', '0', '--mix', 'none')
@@ -72,3 +83,85 @@ def test_bad_data_ends_with_a_message(image_folder, tmp_path, problem, message):
     if problem == 'empty': shutil.rmtree(data/'valid'); (data/'valid').mkdir()
     r = cli('train', *args, '--out', str(tmp_path/'o'))
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+@pytest.fixture(scope='module')
+def shapes_folder(tmp_path_factory):
+    "A generated segmentation set: 16 images of 40×48 px (odd, not square)"
+    from res2netplus.data import make_shapes
+    return make_shapes(tmp_path_factory.mktemp('shapes'), n_images=16, size=(40, 48), seed=1)
+
+def test_segment_train_then_predict(shapes_folder, tmp_path):
+    import numpy as np
+    from res2netplus.data import SHAPES_CODES
+    out = tmp_path/'run'
+    r = cli('train', '--task', 'segment', '--head', 'fpn', '--data', str(shapes_folder), '--size', '32', '--bs', '4', '--epochs', '2',
+            '--out', str(out), '--workers', '0')  # fpn: a tenth of the U-Net's parameters on this body, so CPU-fast
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'valid dice' in r.stdout and 'mean IoU' in r.stdout and 'train_loss' in r.stdout
+    for f in ('export.pkl', 'model.safetensors', 'metrics.csv', 'metrics.json'):
+        assert (out/f).is_file(), f
+    for f in ('loss.png', 'predictions.png'):
+        assert Image.open(out/f).size[0] > 100, f
+    assert Image.open(out/'predictions.png').size[1] > Image.open(out/'predictions.png').size[0]  # 3 validation images, one a row
+    metrics = json.loads((out/'metrics.json').read_text())
+    assert metrics['task'] == 'segment' and metrics['codes'] == SHAPES_CODES and metrics['head'] == 'fpn' and metrics['output_stride'] == 32
+    assert 0 <= metrics['dice'] <= 1 and 0 <= metrics['mean_iou'] <= 1 and metrics['valid_loss'] > 0
+    assert len((out/'metrics.csv').read_text().strip().splitlines()) == 3  # header + 2 epochs
+    # predict: a mask per image at the image's own size; at the model's size, the ids learn.predict gives
+    square = tmp_path/'square.png'; Image.open(shapes_folder/'images'/'0001.png').crop((0, 0, 32, 32)).save(square)
+    odd = shapes_folder/'images'/'0002.png'
+    r = cli('predict', '--model', str(out/'export.pkl'), '--out', str(tmp_path/'masks'), str(square), str(odd))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert [Path(o['mask']) for o in res] == [tmp_path/'masks'/'square_mask.png', tmp_path/'masks'/'0002_mask.png']
+    assert list(res[0]['fractions']) == SHAPES_CODES and abs(sum(res[1]['fractions'].values()) - 1) < 1e-3
+    masks = [Image.open(o['mask']) for o in res]
+    assert [m.mode for m in masks] == ['L', 'L'] and masks[0].size == (32, 32) and masks[1].size == (48, 40)
+    from fastai.learner import load_learner
+    learn = load_learner(out/'export.pkl')
+    assert (np.asarray(masks[0]) == learn.predict(square)[0].numpy()).all()
+    r = cli('predict', '--model', str(out/'model.safetensors'), '--out', str(tmp_path/'safe'), str(square), str(odd))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for o in json.loads(r.stdout):  # no pickle, same masks
+        assert (np.asarray(Image.open(o['mask'])) == np.asarray(Image.open(tmp_path/'masks'/Path(o['mask']).name))).all()
+    # an earlier run's model.safetensors continues training
+    r = cli('train', '--task', 'segment', '--head', 'fpn', '--data', str(shapes_folder), '--size', '32', '--bs', '4', '--epochs', '1', '--mix', 'none',
+            '--weights', str(out/'model.safetensors'), '--out', str(tmp_path/'again'), '--workers', '0')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path/'again'/'metrics.json').read_text())['frozen_epochs'] == 0
+
+@pytest.mark.parametrize('problem,message', [('no_mask', '1 of 16 image(s) have no mask'), ('bad_id', '0004.png has 9'),
+                                             ('bad_valid', 'are not images in'), ('bad_head', 'Unknown --head')])
+def test_segment_bad_data_ends_with_a_message(shapes_folder, tmp_path, problem, message):
+    import shutil
+    import numpy as np
+    data = tmp_path/'data'; shutil.copytree(shapes_folder, data)
+    args = ['--data', str(data)]
+    if problem == 'no_mask': (data/'masks'/'0003.png').unlink()
+    if problem == 'bad_id': Image.fromarray(np.full((40, 48), 9, np.uint8)).save(data/'masks'/'0004.png')
+    if problem == 'bad_valid': (data/'valid.txt').write_text('0001\n0099\n')
+    if problem == 'bad_head': args += ['--head', 'pspnet']
+    r = cli('train', '--task', 'segment', *args, '--out', str(tmp_path/'o'))
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+def test_detect_train_then_predict(tmp_path):
+    "--task instance --detector cascade: Cascade Mask R-CNN on generated COCO shapes, its outputs, and predict's JSON boxes"
+    from res2netplus.detection import make_detection_shapes
+    data, out = make_detection_shapes(tmp_path/'shapes', n_images=10, size=96, seed=0), tmp_path/'run'
+    r = cli('train', '--task', 'instance', '--detector', 'cascade', '--data', str(data), '--arch', 'res2net50d', '--size', '96',
+            '--epochs', '1', '--out', str(out), '--workers', '0')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'valid box AP' in r.stdout and 'mask AP' in r.stdout
+    for f in ('export.pkl', 'model.safetensors', 'metrics.csv', 'metrics.json', 'loss.png', 'predictions.png'):
+        assert (out/f).is_file(), f
+    m = json.loads((out/'metrics.json').read_text())
+    assert (m['task'], m['detector'], m['classes'], m['bs'], m['size']) == ('instance', 'cascade', ['circle', 'square', 'triangle'], 4, 96)
+    assert set(m['box']) == set(m['mask']) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'}
+    assert 'loss_classifier_s3' in (out/'metrics.csv').read_text().splitlines()[0]
+    img = sorted((data/'images').iterdir())[0]
+    r = cli('predict', '--model', str(out/'export.pkl'), '--thresh', '0', str(img))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)[0]
+    assert (res['height'], res['width']) == (96, 96) and res['detections']
+    d = res['detections'][0]
+    assert d['name'] in m['classes'] and len(d['box']) == 4 and 0 <= d['box'][0] <= d['box'][2] <= 96 and 'mask_rle' in d
