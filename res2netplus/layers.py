@@ -218,7 +218,9 @@ def _run_compiled(name, *args):
     "Run the inductor kernel `name`, or return None (and warn once) where this machine cannot compile it"
     if _fast['failed'] is not None: return None
     if name not in _compiled: _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]  # parameters would get static shapes
+    # plain tensors: parameters would get static shapes, and tensor subclasses (fastai's TensorImage) would be traced
+    # through their __torch_function__ and come out wrong
+    args = [a.detach().as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a for a in args]
     try: return _compiled[name](*args)
     except Exception as e:
         _fast['failed'] = e

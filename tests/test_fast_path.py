@@ -110,3 +110,14 @@ def test_falls_back_when_compiling_fails(monkeypatch, plus):
 
 def test_bad_path_says_what_is_allowed():
     with pytest.raises(ValueError, match="one of"): layers.set_fast_path('fastest')
+
+@pytest.mark.parametrize('path', ['compiled', 'aten'])
+def test_fastai_tensor_subclasses_give_the_reference_result(plus, path):
+    "fastai hands the model TensorImage batches: training and inference on them equal the reference on plain tensors"
+    from fastai.torch_core import TensorImage
+    x = torch.randn(2, 3, 64, 64)
+    assert_same(run(plus, TensorImage(x), path), run(plus, x, 'reference'))
+    m = copy.deepcopy(plus).eval()
+    with torch.no_grad(), fast_path(path): got = m(TensorImage(x))
+    with torch.no_grad(), fast_path('reference'): want = m(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
