@@ -7,4 +7,4 @@ export PYTHONWARNINGS=ignore::FutureWarning
 echo "== notebooks (nbdev-test)"
 nbdev-test --n-workers 2
 echo "== tests/ (pytest)"
-python3 -m pytest tests -q -p no:cacheprovider
+python3 scripts/pytest_files.py  # each test file in its own process (memory), one total line
