@@ -207,7 +207,6 @@ def run_config(learn, task:str, arch:str, classes:list) -> dict:
 class _SafePredictor:
     "`model.safetensors` + `config.json` → class probabilities of an image, with no pickle involved"
     def __init__(self, weights:Path):
-        import torch
         from safetensors.torch import load_file
         from fastai.vision.all import Pipeline, Resize, ToTensor, IntToFloatTensor, Normalize, create_vision_model
         from res2netplus.models import RES2NET_FACTORIES
@@ -225,9 +224,10 @@ class _SafePredictor:
         self.model.eval()
         self.item = Pipeline([Resize(cfg['size'], method=cfg['resize_method'], pad_mode=cfg['pad_mode']), ToTensor()], split_idx=1)
         self.batch = Pipeline([IntToFloatTensor()] + ([Normalize.from_stats(cfg['mean'], cfg['std'], cuda=False)] if cfg['mean'] else []), split_idx=1)
-        self.classes, self.segment, self.detection, self.torch = cfg['classes'], cfg['task'] == 'segment', False, torch
+        self.classes, self.segment, self.detection = cfg['classes'], cfg['task'] == 'segment', False
     def __call__(self, im):
-        with self.torch.no_grad(): return self.model(self.batch(self.item(im)[None])).softmax(1)[0]
+        import torch
+        with torch.no_grad(): return self.model(self.batch(self.item(im)[None])).softmax(1)[0]
 
 class _PicklePredictor:
     "An exported learner (`load_learner`: unpickles, so only for trusted files) → class probabilities of an image"
