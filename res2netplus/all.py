@@ -10,3 +10,4 @@ from res2netplus.segmentation import *
 from res2netplus.detection import *
 from res2netplus.cascade import *
 from res2netplus.deploy import *
+from res2netplus.distributed import *

@@ -10,7 +10,7 @@ import numpy as np
 from .weights import WeightsUnavailableError
 
 # %% auto #0
-__all__ = ['TASKS', 'TASK_DEFAULTS', 'SHAPES', 'overlay', 'TrainingDiverged', 'train', 'run_config', 'predict', 'main']
+__all__ = ['TASKS', 'TASK_DEFAULTS', 'SHAPES', 'overlay', 'TrainingDiverged', 'train', 'run_config', 'predict', 'launch', 'main']
 
 # %% ../nbs/09_cli.ipynb #7f3d8025
 def _dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
@@ -109,7 +109,7 @@ class TrainingDiverged(RuntimeError):
 
 def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='unet', output_stride:int|None=None, detector:str='rcnn',
           size:int|None=None, bs:int|None=None, epochs:int=3, lr:float|None=None, mix:str='cutmix', pretrained:bool=False, weights=None,
-          out='runs/res2netplus', seed:int=42, workers:int|None=None, resume:bool=False, _checkpoint:dict|None=None) -> dict:
+          out='runs/res2netplus', seed:int=42, workers:int|None=None, resume:bool=False, sync_bn:bool=False, _checkpoint:dict|None=None) -> dict:
     "Train `arch` with the recipe to classify (image folder tree or CSV; none: the bundled Fashion-MNIST subset) or segment (images/, masks/, codes.txt; none: generated shapes); write the results to `out`"
     args = {k: v for k, v in locals().items() if k not in ('resume', '_checkpoint')}
     if resume:  # the interrupted run's own settings; only --workers may change
@@ -122,6 +122,7 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     from res2netplus.data import fashion_mnist_sample, make_shapes, default_cache_dir
     from res2netplus.learner import res2netplus_learner, RECIPE, SaveBestWeights, StopOnNaN
     from res2netplus.augment import mix_callback
+    from res2netplus.distributed import is_main_process, main_process_first, num_distrib, rank_distrib, alone
     if task not in TASKS: raise ValueError(f"Unknown --task {task!r}: use {', '.join(TASKS)}.")
     segment = task == 'segment'
     if not segment and (head != 'unet' or output_stride is not None): raise ValueError("--head and --output_stride are for --task segment: drop them, or add --task segment.")
@@ -130,21 +131,22 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     if task in ('detect', 'instance'):
         from res2netplus.detection import train_detection
         return train_detection(data, out=out, task=task, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
-                               weights=weights, seed=seed, workers=workers, detector=detector)
+                               weights=weights, seed=seed, workers=workers, detector=detector, sync_bn=sync_bn)
     if segment:
         from res2netplus.segmentation import res2netplus_seg_learner, SEG_HEADS
         if head not in SEG_HEADS: raise ValueError(f"Unknown --head {head!r}: use one of {', '.join(SEG_HEADS)}.")
     variant_row(arch); mix_callback(mix)  # a bad name fails here, before any data is read
     if size < Res2Net.min_size: raise ValueError(f"--size {size} is smaller than the network's stride: use --size {Res2Net.min_size} or more.")
-    if segment: path = Path(data).expanduser() if data else make_shapes(default_cache_dir()/'shapes_{n_images}_{size}'.format(**SHAPES), **SHAPES)
-    else: path = Path(data).expanduser() if data else fashion_mnist_sample()
+    with main_process_first():  # the bundled or generated data is written once
+        if segment: path = Path(data).expanduser() if data else make_shapes(default_cache_dir()/'shapes_{n_images}_{size}'.format(**SHAPES), **SHAPES)
+        else: path = Path(data).expanduser() if data else fashion_mnist_sample()
     set_seed(seed, reproducible=True)
     dls, classes = (_seg_dataloaders if segment else _dataloaders)(path, size, bs, seed, workers)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     state = _learner_state(weights, _SEG_MODULES if segment else ('0', '1'))  # continue from an earlier run's weights: same arch and classes, nothing frozen
     if state is not None: pretrained, weights = False, None
     pretrained = pretrained or weights is not None
-    if _checkpoint is None: (out/'metrics.csv').unlink(missing_ok=True)  # appended to by each phase of fit_recipe, and by a resumed run
+    if _checkpoint is None and is_main_process(): (out/'metrics.csv').unlink(missing_ok=True)  # appended to by each phase of fit_recipe, and by a resumed run
     kw = dict(mix=mix, pretrained=pretrained, weights=weights, path=out, model_dir='.', cbs=CSVLogger(fname='metrics.csv', append=True))
     if segment: learn = res2netplus_seg_learner(dls, arch, head=head, output_stride=output_stride, **kw)
     else: learn = res2netplus_learner(dls, arch, **kw)
@@ -164,27 +166,30 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
         print(f"resuming {out} after epoch {_checkpoint['epoch']} of phase {_checkpoint['phase']}")
     best = SaveBestWeights('best.safetensors', best=_checkpoint and _checkpoint['best'])
     began = time.time()
-    learn.fit_recipe(epochs, lr, seed=seed, checkpoint='checkpoint.pth', start=start, cbs=[best, StopOnNaN()],
-                     run_info=dict(args={**args, 'lr': float(lr)}))
+    with learn.data_parallel(sync_bn):  # across the processes of torchrun / --distributed; alone, a plain fit
+        learn.fit_recipe(epochs, lr, seed=seed, checkpoint='checkpoint.pth', start=start, cbs=[best, StopOnNaN()],
+                         run_info=dict(args={**args, 'lr': float(lr)}, world_size=max(num_distrib(), 1)))
     seconds = round(time.time() - began, 1)
     if getattr(learn, 'nan_at', None):
         raise TrainingDiverged(f"The loss became NaN or infinite at epoch {learn.nan_at[0]}, batch {learn.nan_at[1]}: training stopped. "
                                f"{out/'checkpoint.pth'} holds the last finished epoch and {out/'best.safetensors'} the best one. "
                                f"Lower --lr (it was {lr:.2e}), or check the data for broken images.")
-    learn.remove_cb(CSVLogger)  # it holds a closed file, which cannot be pickled
-    metrics = _metrics(learn)
-    if segment: _seg_plots(learn, out, classes)
-    else: _plots(learn, out)
-    learn.export('export.pkl')
-    safetensors.torch.save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, out/'model.safetensors')
-    (out/'config.json').write_text(json.dumps(run_config(learn, task, arch, classes), indent=2))
-    run = dict(epochs=epochs, frozen_epochs=1 if pretrained else 0, size=size, bs=bs, lr=float(lr), mix=mix, seed=seed, valid_loss=metrics['valid_loss'],
-               best_epoch=best.best_epoch, best_valid_loss=best.best)
-    if segment: result = dict(task=task, arch=arch, head=head, output_stride=learn.output_stride, data=str(path), codes=classes, **run,
-                              dice=metrics['dice'], mean_iou=metrics['mean_iou'], train_seconds=seconds)
-    else: result = dict(arch=arch, data=str(path), classes=classes, **run, accuracy=metrics['accuracy'], train_seconds=seconds)
-    (out/'metrics.json').write_text(json.dumps(result, indent=2))
-    return result
+    if not is_main_process(): return dict(rank=rank_distrib())  # rank 0 evaluates and writes
+    with alone():  # fastai would gather predictions from processes that have finished
+        learn.remove_cb(CSVLogger)  # it holds a closed file, which cannot be pickled
+        metrics = _metrics(learn)
+        if segment: _seg_plots(learn, out, classes)
+        else: _plots(learn, out)
+        learn.export('export.pkl')
+        safetensors.torch.save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, out/'model.safetensors')
+        (out/'config.json').write_text(json.dumps(run_config(learn, task, arch, classes), indent=2))
+        run = dict(epochs=epochs, frozen_epochs=1 if pretrained else 0, size=size, bs=bs, lr=float(lr), mix=mix, seed=seed, valid_loss=metrics['valid_loss'],
+                   best_epoch=best.best_epoch, best_valid_loss=best.best)
+        if segment: result = dict(task=task, arch=arch, head=head, output_stride=learn.output_stride, data=str(path), codes=classes, **run,
+                                  dice=metrics['dice'], mean_iou=metrics['mean_iou'], train_seconds=seconds)
+        else: result = dict(arch=arch, data=str(path), classes=classes, **run, accuracy=metrics['accuracy'], train_seconds=seconds)
+        (out/'metrics.json').write_text(json.dumps(result, indent=2))
+        return result
 
 # %% ../nbs/09_cli.ipynb #1119a53d
 def _mask_codes(learn) -> list|None:
@@ -283,7 +288,8 @@ _TRAIN_HELP = dict(data='classify: folder with train/<class>/… and valid/<clas
                    epochs='epochs', lr="learning rate (default: the recipe's); 0 to find it with lr_find", mix='mixing (classify, segment): cutmix, mixup, both or none', pretrained='start from ImageNet weights (through timm)',
                    weights="local .pth/.safetensors to start from (offline): ImageNet weights, or an earlier run's model.safetensors to continue training", out='folder for the results',
                    seed='random seed: every epoch is reseeded from it, so a run is repeatable and --resume exact', workers='data loader processes (default: fastai\'s)',
-                   resume='continue the interrupted run in --out from its checkpoint.pth, with its own settings (only --workers may change)')
+                   resume='continue the interrupted run in --out from its checkpoint.pth, with its own settings and number of processes (only --workers may change)',
+                   sync_bn='with --distributed on GPUs: BatchNorm over the global batch (SyncBatchNorm)')
 
 _TRAIN_TYPES = dict(size=int, bs=int, epochs=int, lr=float, seed=int, workers=int, output_stride=int)
 
@@ -296,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
         if name.startswith('_'): continue
         if prm.default is False: t.add_argument(f'--{name}', action='store_true', help=_TRAIN_HELP.get(name))
         else: t.add_argument(f'--{name}', type=_TRAIN_TYPES.get(name, str), default=prm.default, help=_TRAIN_HELP.get(name))
+    t.add_argument('--distributed', type=int, default=1, metavar='N', help='train data-parallel in N processes on this machine (torchrun: '
+                   'gloo on CPUs, NCCL on GPUs; rank 0 writes the results). Already under torchrun or accelerate launch, training is data-parallel without it')
     q = sub.add_parser('predict', help='top-k classes of images, their segmentation masks, or their detections, as JSON')
     q.add_argument('--model', required=True, help='export.pkl written by train, or its model.safetensors (read with config.json beside it: no pickle, safe for untrusted files)')
     q.add_argument('-k', type=int, default=3, help='classes to list per image (classifiers)')
@@ -310,18 +318,48 @@ def _score(res:dict) -> str:
     loss = f", loss {res['valid_loss']:.4f}"
     return (f"dice {res['dice']:.4f}, mean IoU {res['mean_iou']:.4f}" if res.get('task') == 'segment' else f"accuracy {res['accuracy']:.4f}") + loss
 
+def _without_distributed(argv:list) -> list:
+    "`argv` less its --distributed option: what each launched process runs"
+    out, skip = [], False
+    for a in argv:
+        if skip: skip = False
+        elif a == '--distributed': skip = True
+        elif not a.startswith('--distributed='): out.append(a)
+    return out
+
+def launch(nproc:int, argv:list) -> int:
+    "Run `res2netplus <argv>` in `nproc` processes on this machine through torchrun; its exit status (1 if any process failed)"
+    import subprocess
+    return subprocess.call([sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+                            '-m', 'res2netplus.cli', *_without_distributed(argv)])
+
+def _processes(args) -> int:
+    "How many processes `train` asks for: --distributed, or for --resume those of the interrupted run"
+    if not args.resume: return args.distributed
+    from res2netplus.learner import read_checkpoint
+    return read_checkpoint(Path(args.out)/'checkpoint.pth').get('world_size', 1)
+
 def main(argv=None) -> int:
+    from fastai.torch_core import num_distrib, rank_distrib
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    quiet = rank_distrib() > 0  # under a launcher, rank 0 speaks for all
     try:
         if args.command == 'train':
-            kwargs = {k: v for k, v in vars(args).items() if k != 'command'}
+            if args.distributed < 1: raise ValueError(f"--distributed {args.distributed}: pass the number of processes, 1 or more.")
+            n = _processes(args)
+            if n > 1 and num_distrib() == 0: return launch(n, argv)
+            kwargs = {k: v for k, v in vars(args).items() if k not in ('command', 'distributed')}
             res = train(**kwargs)
-            print(f"valid {_score(res)} after {res['epochs']} epochs ({res['train_seconds']} s); results in {args.out}")
+            if not quiet: print(f"valid {_score(res)} after {res['epochs']} epochs ({res['train_seconds']} s); results in {args.out}")
         else: print(json.dumps(predict(args.model, args.images, args.k, args.out, args.thresh), indent=2))
     except (ValueError, OSError, WeightsUnavailableError) as e:  # bad input; anything else is a bug: show its traceback
-        print(f"res2netplus: error: {e}", file=sys.stderr)
+        if not quiet: print(f"res2netplus: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"res2netplus: error: {e}", file=sys.stderr)
+        if not quiet: print(f"res2netplus: error: {e}", file=sys.stderr)
         return 3
     return 0
+
+# %% ../nbs/09_cli.ipynb #c09main01
+if __name__ == '__main__': sys.exit(main())  # python -m res2netplus.cli, as torchrun launches it

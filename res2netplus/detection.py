@@ -20,6 +20,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from .models import Res2Net, RES2NET_FACTORIES
 from .learner import _arch
+from .distributed import in_data_parallel, sum_over_processes
 
 # %% auto #0
 __all__ = ['NORMS', 'RCNN_REFERENCE', 'DETECTORS', 'COCO_STATS', 'IOU_TYPES', 'DETECTION_SHAPES', 'frozen_batchnorm',
@@ -522,7 +523,7 @@ def _rle(masks:torch.Tensor) -> list:
 class COCOAccumulator:
     "Ground truth and detections of a set of images in COCO's json form, and their COCO statistics"
     def __init__(self): self.reset()
-    def reset(self): self.images, self.gts, self.dets, self._results = [], [], [], {}
+    def reset(self): self.images, self.gts, self.dets, self._results, self.gather_next = [], [], [], {}, False
 
     def add(self, preds:list, targets:list):
         "Add one batch: torchvision detection dicts and target dicts, image by image"
@@ -531,7 +532,8 @@ class COCOAccumulator:
             image_id = len(self.images) + 1
             tm, pm = targ.get('masks'), pred.get('masks')
             h, w = tm.shape[-2:] if tm is not None else pm.shape[-2:] if pm is not None else (0, 0)
-            self.images.append(dict(id=image_id, height=int(h), width=int(w), has_masks=tm is not None and pm is not None))
+            key = int(targ['image_id']) if 'image_id' in targ else None  # the dataset's id: finds the repeats of a data-parallel gather
+            self.images.append(dict(id=image_id, height=int(h), width=int(w), has_masks=tm is not None and pm is not None, key=key))
             boxes = targ['boxes'].reshape(-1, 4)
             area = targ['area'] if 'area' in targ else (tm.flatten(1).sum(1).float() if tm is not None else (boxes[:, 2:] - boxes[:, :2]).prod(1))
             crowd = targ.get('iscrowd', torch.zeros(len(boxes), dtype=torch.int64))
@@ -548,6 +550,7 @@ class COCOAccumulator:
     def evaluate(self, iou_type:str='bbox', categories=None) -> dict:
         "COCO statistics (AP, AP50, AP75, APs, APm, APl) of `iou_type` ('bbox' or 'segm'); NaN where undefined"
         if iou_type not in ('bbox', 'segm'): raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}.")
+        if self.gather_next: self.gather()
         if iou_type in self._results: return self._results[iou_type]
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -558,7 +561,7 @@ class COCOAccumulator:
         if not self.dets: res = {**dict.fromkeys(COCO_STATS, 0.)}
         else:
             with contextlib.redirect_stdout(io.StringIO()):
-                gt = COCO(); gt.dataset = dict(images=[{k: v for k, v in im.items() if k != 'has_masks'} for im in self.images],
+                gt = COCO(); gt.dataset = dict(images=[{k: v for k, v in im.items() if k not in ('has_masks', 'key')} for im in self.images],
                                                annotations=self.gts, categories=[dict(id=c, name=str(c)) for c in cats])
                 gt.createIndex()
                 dt = gt.loadRes([dict(d) for d in self.dets])
@@ -566,6 +569,24 @@ class COCOAccumulator:
             res = {k: float(v) if v >= 0 else float('nan') for k, v in zip(COCO_STATS, ev.stats[:6])}
         self._results[iou_type] = res
         return res
+
+    def gather(self):
+        "Take in every process's images of a data-parallel validation, each image once (fastai pads the last shares with repeats)"
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (self.images, self.gts, self.dets))
+        self.reset()
+        seen = set()
+        for images, gts, dets in parts:
+            ids = {}
+            for im in images:
+                if im['key'] is not None:
+                    if im['key'] in seen: continue
+                    seen.add(im['key'])
+                ids[im['id']] = len(self.images) + 1
+                self.images.append({**im, 'id': ids[im['id']]})
+            for g in gts:
+                if g['image_id'] in ids: self.gts.append({**g, 'id': len(self.gts) + 1, 'image_id': ids[g['image_id']]})
+            self.dets += [{**d, 'image_id': ids[d['image_id']]} for d in dets if d['image_id'] in ids]
 
 def coco_evaluate(preds:list, targets:list, iou_types=None) -> dict:
     "COCO box (and mask) AP of torchvision detections `preds` against targets: {'bbox': {'AP': …, …}, 'segm': {…}}"
@@ -583,7 +604,9 @@ class COCOMetric(Metric):
     def reset(self):
         if self.owner: self.acc.reset()
     def accumulate(self, learn):
-        if self.owner and isinstance(learn.pred, list): self.acc.add(learn.pred, learn.yb[0])
+        if self.owner and isinstance(learn.pred, list):
+            self.acc.add(learn.pred, learn.yb[0])
+            self.acc.gather_next = in_data_parallel(learn)  # every rank asks for the value at the same point: gathered once
     @property
     def value(self): return self.acc.evaluate(IOU_TYPES[self.iou_type])[self.stat]
     @property
@@ -659,12 +682,17 @@ class DetectionLoss:
 class LossPart(Metric):
     "The validation mean of one part of the detector's loss dict"
     def __init__(self, part:str): self.part = part
-    def reset(self): self.total, self.count = 0., 0
+    def reset(self): self.total, self.count, self.shared = 0., 0, False
     def accumulate(self, learn):
         v = getattr(learn.loss_func, 'parts', {}).get(self.part)
         if v is not None: n = len(learn.xb[0]); self.total += float(v) * n; self.count += n
+        self.shared = in_data_parallel(learn)
     @property
-    def value(self): return self.total / self.count if self.count else None
+    def value(self):
+        if self.shared:  # sum over the processes of a data-parallel validation
+            t = sum_over_processes(torch.tensor([self.total, self.count], dtype=torch.float64))
+            self.total, self.count, self.shared = float(t[0]), int(t[1]), False
+        return self.total / self.count if self.count else None
     @property
     def name(self): return self.part
 
@@ -836,49 +864,53 @@ def _json_float(v): return None if v is None or (isinstance(v, float) and math.i
 
 def train_detection(data=None, out='runs/detection', task:str='detect', arch:str='res2netplus50', size:int=512, bs:int=4, epochs:int=12,
                     lr:float|None=0.02, pretrained:bool=False, weights=None, seed:int=42, workers:int|None=None, valid_pct:float=0.2,
-                    augs='default', detector:str='rcnn', **model_kwargs) -> dict:
+                    augs='default', detector:str='rcnn', sync_bn:bool=False, **model_kwargs) -> dict:
     "Train Faster R-CNN (`task='detect'`) or Mask R-CNN (`'instance'`) on a COCO or VOC folder (none: generated shapes); write the results to `out`"
     import time, safetensors.torch
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from fastai.callback.tracker import TerminateOnNaNCallback
     from fastai.callback.progress import CSVLogger
+    from res2netplus.learner import StopOnNaN
+    from res2netplus.distributed import is_main_process, main_process_first, rank_distrib, alone
     from fastai.torch_core import set_seed
     from res2netplus.data import default_cache_dir
     if task not in DETECTORS: raise ValueError(f"Unknown --task {task!r} for detection: use detect or instance.")
     detector_factory(task, detector)
     _res2net_factory(arch)
     if not (isinstance(size, int) and size >= 32): raise ValueError(f"--size {size!r}: pass the shorter image side in pixels, at least 32.")
-    path = Path(data).expanduser() if data else make_detection_shapes(default_cache_dir()/'detection_shapes_{n_images}_{size}'.format(**DETECTION_SHAPES), **DETECTION_SHAPES)
+    with main_process_first():  # generated once
+        path = Path(data).expanduser() if data else make_detection_shapes(default_cache_dir()/'detection_shapes_{n_images}_{size}'.format(**DETECTION_SHAPES), **DETECTION_SHAPES)
     set_seed(seed, reproducible=True)
     dls = detection_dataloaders_from_folder(path, masks=task == 'instance', bs=bs, seed=seed, valid_pct=valid_pct, augs=augs,
                                             num_workers=0 if workers is None else workers)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    (out/'metrics.csv').unlink(missing_ok=True)
+    if is_main_process(): (out/'metrics.csv').unlink(missing_ok=True)
     learn = res2netplus_det_learner(dls, arch, task, pretrained=pretrained, weights=weights, min_size=size, max_size=round(size * 1333 / 800),
-                                    path=out, model_dir='.', cbs=[CSVLogger(fname='metrics.csv'), TerminateOnNaNCallback()], detector=detector, **model_kwargs)
+                                    path=out, model_dir='.', cbs=[CSVLogger(fname='metrics.csv'), StopOnNaN()], detector=detector, **model_kwargs)
     if lr == 0:
         lr = learn.lr_find(show_plot=False).valley
         print(f"lr_find: {lr:.2e}")
     lr = lr or 0.02
     start = time.time()
-    learn.fit_one_cycle(epochs, lr)
+    with learn.data_parallel(sync_bn): learn.fit_one_cycle(epochs, lr)
     seconds = round(time.time() - start, 1)
-    learn.remove_cb(CSVLogger)  # it holds a closed file, which cannot be pickled
-    names = [n for n in learn.recorder.metric_names if n not in ('epoch', 'time')]
-    last = {n: float(v) if v is not None else None for n, v in zip(names, learn.recorder.values[-1])} if learn.recorder.values else {}
-    preds, targets = learn.get_preds()
-    coco = coco_evaluate(preds, targets, ('bbox', 'segm') if task == 'instance' else ('bbox',))
-    learn.recorder.plot_loss(); plt.gcf().savefig(out/'loss.png', dpi=100, bbox_inches='tight'); plt.close('all')
-    fig = learn.show_results(max_n=min(4, len(dls.valid_ds))); fig.savefig(out/'predictions.png', dpi=100, bbox_inches='tight'); plt.close('all')
-    learn.export('export.pkl')
-    safetensors.torch.save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, out/'model.safetensors')
-    result = dict(task=task, detector=detector, arch=arch, data=str(path), classes=learn.classes[1:], epochs=epochs, size=size, bs=bs, lr=float(lr),
-                  pretrained=bool(pretrained or weights is not None), valid_loss=_json_float(last.get('valid_loss')),
-                  box={k: _json_float(v) for k, v in coco['bbox'].items()}, train_seconds=seconds, n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
-    if 'segm' in coco: result['mask'] = {k: _json_float(v) for k, v in coco['segm'].items()}
-    (out/'metrics.json').write_text(json.dumps(result, indent=2))
-    return result
+    if not is_main_process(): return dict(rank=rank_distrib())  # rank 0 evaluates and writes
+    with alone():  # fastai would gather predictions from processes that have finished
+        learn.remove_cb(CSVLogger)  # it holds a closed file, which cannot be pickled
+        names = [n for n in learn.recorder.metric_names if n not in ('epoch', 'time')]
+        last = {n: float(v) if v is not None else None for n, v in zip(names, learn.recorder.values[-1])} if learn.recorder.values else {}
+        preds, targets = learn.get_preds()
+        coco = coco_evaluate(preds, targets, ('bbox', 'segm') if task == 'instance' else ('bbox',))
+        learn.recorder.plot_loss(); plt.gcf().savefig(out/'loss.png', dpi=100, bbox_inches='tight'); plt.close('all')
+        fig = learn.show_results(max_n=min(4, len(dls.valid_ds))); fig.savefig(out/'predictions.png', dpi=100, bbox_inches='tight'); plt.close('all')
+        learn.export('export.pkl')
+        safetensors.torch.save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, out/'model.safetensors')
+        result = dict(task=task, detector=detector, arch=arch, data=str(path), classes=learn.classes[1:], epochs=epochs, size=size, bs=bs, lr=float(lr),
+                      pretrained=bool(pretrained or weights is not None), valid_loss=_json_float(last.get('valid_loss')),
+                      box={k: _json_float(v) for k, v in coco['bbox'].items()}, train_seconds=seconds, n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
+        if 'segm' in coco: result['mask'] = {k: _json_float(v) for k, v in coco['segm'].items()}
+        (out/'metrics.json').write_text(json.dumps(result, indent=2))
+        return result
 
 def predict_detection(model, image_path, thresh:float=0.5) -> dict:
     "Detections of one image by a detection learner or its export.pkl, JSON-serialisable: boxes (x1 y1 x2 y2 pixels), labels, names, scores (and mask RLEs)"

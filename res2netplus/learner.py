@@ -11,13 +11,15 @@ import torch
 from fastcore.foundation import L
 from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat,
                                accuracy, accuracy_multi, ChannelsLast, Callback, TrackerCallback, TerminateOnNaNCallback,
-                               CancelFitException, SkipToEpoch, set_seed, noop)
-from .models import RES2NET_FACTORIES, res2netplus50, variant_row
+                               CancelFitException, SkipToEpoch, set_seed, noop, rank_distrib, num_distrib)
+from torch.nn.parallel import DistributedDataParallel
+from fastai.distributed import DistributedDL
+from .models import RES2NET_FACTORIES, res2netplus50, variant_row, check_finite
 from .augment import Mixer, mix_callback, AlbumentationsTransform
 
 # %% auto #0
-__all__ = ['RECIPE', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'SaveBestWeights',
-           'recipe_phases']
+__all__ = ['RECIPE', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput',
+           'SaveBestWeights', 'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)
@@ -59,16 +61,19 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pre
     return _accelerate(learn, precision, channels_last)
 
 # %% ../nbs/05_learner.ipynb #5a9e0f13
-def _epoch_seed(seed:int, phase:int, epoch:int) -> int: return int(np.random.SeedSequence([seed, phase, epoch]).generate_state(1)[0])
+def _epoch_seed(seed:int, phase:int, epoch:int, rank:int=0) -> int:
+    "A seed per (seed, phase, epoch), and per process of a data-parallel run (rank 0 keeps the single-process seed)"
+    return int(np.random.SeedSequence([seed, phase, epoch] + ([rank] if rank else [])).generate_state(1)[0])
 
 class EpochSeed(Callback):
     "Reseed torch, numpy, random, the loaders' shuffling and albumentations before each epoch, from (seed, phase, epoch)"
     order = 80  # after fastai's SkipToEpoch (70): skipped epochs draw nothing
     def __init__(self, seed:int, phase:int=0): self.seed, self.phase = seed, phase
     def before_epoch(self):
-        s = _epoch_seed(self.seed, self.phase, self.epoch)
+        s = _epoch_seed(self.seed, self.phase, self.epoch, rank_distrib())  # each rank augments its share differently
         set_seed(s)
         for i, dl in enumerate(self.dls.loaders):
+            if isinstance(dl, DistributedDL): dl = dl.dl  # a data-parallel share: rank 0's order of the loader it wraps is broadcast
             dl.rng = random.Random(s + i)
             for t in dl.after_item.fs:
                 if isinstance(t, AlbumentationsTransform): t._seeded_in = None  # reseeds from numpy at its next item
@@ -87,6 +92,8 @@ class _RecipeControl(Callback):
         if not _skipping(self.learn): return
         self.learn.logger, self.learn._skipping_epoch = self.shown_logger, False
         self.recorder.values.pop(); self.recorder.iters.pop()
+
+def _bare(model): return model.module if isinstance(model, DistributedDataParallel) else model
 
 def _plain(o):
     "`o` with numpy scalars as Python numbers and paths as strings, so that `torch.load(weights_only=True)` reads it back"
@@ -120,9 +127,9 @@ class RunCheckpoint(Callback):
     order = 90
     def __init__(self, fname='checkpoint.pth', phase:int=0, info:dict|None=None): self.fname, self.phase, self.info = Path(fname), phase, info or {}
     def after_epoch(self):
-        if _skipping(self.learn): return
+        if _skipping(self.learn) or rank_distrib(): return  # rank 0 writes
         best = next(((cb.best, cb.best_epoch) for cb in self.learn.cbs if isinstance(cb, SaveBestWeights)), None)
-        state = dict(model=self.learn.model.state_dict(), opt=_plain(self.learn.opt.state_dict()), phase=self.phase, epoch=self.epoch,
+        state = dict(model=_bare(self.learn.model).state_dict(), opt=_plain(self.learn.opt.state_dict()), phase=self.phase, epoch=self.epoch,
                      n_epoch=self.n_epoch, best=_plain(best), **_plain(self.info))
         path = self.path/self.fname
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +140,19 @@ class RunCheckpoint(Callback):
 class StopOnNaN(TerminateOnNaNCallback):
     "fastai's `TerminateOnNaNCallback` that remembers where the loss stopped being finite: `learn.nan_at` = (epoch, batch)"
     def after_batch(self):
-        if not torch.isfinite(self.loss).all():
+        bad = torch.tensor(float(not torch.isfinite(self.loss).all()), device=self.loss.device)
+        if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        if bad:  # every rank stops at the same batch: one stopping alone leaves the others waiting in the gradient all-reduce
             self.learn.nan_at = (self.epoch, self.iter)
             raise CancelFitException
+
+class CheckFiniteInput(Callback):
+    "Refuse a batch whose inputs hold NaN or Inf, naming the images, before it reaches the model (any model: tensors or lists of them)"
+    order = -20  # before the batch is mixed or moved
+    def before_batch(self):
+        for x in self.xb:
+            for t in (x if isinstance(x, (list, tuple)) else [x]):
+                if isinstance(t, torch.Tensor) and t.is_floating_point(): check_finite(t, f"Training batch {self.iter} of epoch {self.epoch}" if self.training else f"Validation batch {self.iter}")
 
 class SaveBestWeights(TrackerCallback):
     "Save the weights to `fname` (safetensors) whenever `monitor` improves; the model keeps training from its own weights"
@@ -147,11 +164,11 @@ class SaveBestWeights(TrackerCallback):
     def after_epoch(self):
         if _skipping(self.learn): return
         super().after_epoch()
-        if self.new_best:
+        if self.new_best and not rank_distrib():
             import safetensors.torch
             (self.path/self.fname).parent.mkdir(parents=True, exist_ok=True)
-            safetensors.torch.save_file({k: v.contiguous() for k, v in self.learn.model.state_dict().items()}, self.path/self.fname)
-            self.best_epoch = self.epoch
+            safetensors.torch.save_file({k: v.contiguous() for k, v in _bare(self.learn.model).state_dict().items()}, self.path/self.fname)
+        if self.new_best: self.best_epoch = self.epoch
 
 def recipe_phases(learn:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.) -> list:
     "The fits of `fit_recipe` as (epochs, lr, unfreeze first): a frozen (pretrained) body trains the head alone first"

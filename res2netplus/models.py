@@ -21,10 +21,10 @@ from .layers import res2net_stage, ConvActNorm
 from .weights import load_weights, read_weights, fetch_imagenet_weights
 
 # %% auto #0
-__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'Res2Net', 'variant_row', 'create_res2net',
-           'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s', 'res2net50_26w_6s', 'res2net50_26w_8s',
-           'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d', 'res2netplus50', 'res2netplus101',
-           'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s', 'res2netplus50_26w_6s',
+__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'check_finite', 'check_images', 'Res2Net', 'variant_row',
+           'create_res2net', 'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s', 'res2net50_26w_6s',
+           'res2net50_26w_8s', 'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d', 'res2netplus50',
+           'res2netplus101', 'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s', 'res2netplus50_26w_6s',
            'res2netplus50_26w_8s', 'res2nextplus50', 'res2net_split']
 
 # %% ../nbs/02_models.ipynb #0c4457ea
@@ -56,13 +56,35 @@ def _check_positive_ints(name, values, n=None):
         raise ValueError(f"{name} must be {n or 'some'} positive integers, got {values!r}.")
     return values
 
+def check_finite(x:torch.Tensor, name:str='The model'):
+    "Raise a `ValueError` naming the images of batch `x` that hold NaN or infinite values"
+    bad = ~torch.isfinite(x)
+    if not bad.any(): return
+    images = bad.flatten(1).any(1).nonzero().flatten().tolist() if x.ndim > 1 else []
+    raise ValueError(f"{name} got {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} infinite input values (images {images[:8]} of the batch): "
+                     "fix the data (a broken image file, a division by zero in a normalisation), or drop those images.")
+
+def check_images(x, name:str, n_in:int, min_size:int, too_small_fix:str, finite:bool=False):
+    "Raise a `ValueError` naming the fix unless `x` is an (N, `n_in`, H, W) batch with H, W ≥ `min_size` (and, with `finite`, no NaN or Inf)"
+    if torch.jit.is_tracing() or torch.compiler.is_compiling(): return
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f"{name} takes a batch of images shaped (N, C, H, W), got {getattr(x, 'shape', type(x))}. "
+                         "For one image add the batch dimension: x[None].")
+    if x.shape[1] != n_in:
+        raise ValueError(f"{name} was built for {n_in}-channel images but got {x.shape[1]} channels. "
+                         f"Create it with in_chans={x.shape[1]} (fastai learners: n_in={x.shape[1]}), or convert the images.")
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(f"{name} needs images of at least {min_size}×{min_size} px (its output stride), got {tuple(x.shape[-2:])}. {too_small_fix}")
+    if finite: check_finite(x, name)
+
 class Res2Net(nn.Sequential):
     "Res2Net, Res2NeXt and Res2NetPlus: an `nn.Sequential` of named stem layers, four stages and a classifier head"
     min_size = 32  # the output stride (per instance): smaller images leave the last stage nothing but padding
     def __init__(self, layers=(3, 4, 6, 3), base_width:int=26, scale:int=4, cardinality:int=1, stem_type:str='',
                  stem_szs=(32, 32, 64), avg_down:bool=False, act_cls=nn.ReLU, bn_1st:bool=True, in_chans:int=3,
                  num_classes:int=1000, drop_rate:float=0., drop_path_rate:float=0., global_pool:str='avg',
-                 zero_init_last:bool=True, output_stride:int=32):
+                 zero_init_last:bool=True, output_stride:int=32, check_finite:bool=False):
+        "`check_finite`: refuse input batches holding NaN or Inf (a full pass over each batch, so off by default)"
         layers = _check_positive_ints('layers (blocks per stage)', layers, 4)
         stem_szs = _check_positive_ints('stem_szs', stem_szs, 3)
         _check_positive_ints('in_chans', [in_chans])
@@ -93,6 +115,7 @@ class Res2Net(nn.Sequential):
         self.head_hidden_size = inplanes
         self.feature_info = feature_info
         self.output_stride = self.min_size = output_stride
+        self.check_finite = check_finite
         self.init_weights(zero_init_last)
 
     def init_weights(self, zero_init_last:bool=True):
@@ -113,17 +136,8 @@ class Res2Net(nn.Sequential):
 
     def check_input(self, x):
         "Raise a `ValueError` naming the fix if `x` is not a batch of images this network can take"
-        if torch.jit.is_tracing() or torch.compiler.is_compiling(): return
-        name = type(self).__name__
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError(f"{name} takes a batch of images shaped (N, C, H, W), got {getattr(x, 'shape', type(x))}. "
-                             "For one image add the batch dimension: x[None].")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"{name} was built for {self.in_chans}-channel images but got {x.shape[1]} channels. "
-                             f"Create it with in_chans={x.shape[1]} (fastai learners: n_in={x.shape[1]}), or convert the images.")
-        if min(x.shape[-2:]) < self.min_size:
-            raise ValueError(f"{name} needs images of at least {self.min_size}×{self.min_size} px (its output stride), got {tuple(x.shape[-2:])}. "
-                             "Resize them, e.g. item_tfms=Resize(64) in fastai.")
+        check_images(x, type(self).__name__, self.in_chans, self.min_size, "Resize them, e.g. item_tfms=Resize(64) in fastai.",
+                     getattr(self, 'check_finite', False))
 
     def forward_features(self, x):
         for name, m in self.named_children():

@@ -19,8 +19,9 @@ from fastai.torch_core import params
 from fastai.data.transforms import get_c
 from fastai.vision.learner import create_body, model_meta, _add_norm, _default_meta
 from fastai.vision.models.unet import DynamicUnet
-from .models import res2netplus50, res2net_split
+from .models import res2netplus50, res2net_split, check_images
 from .learner import RECIPE, _arch, _with_mixer, _accelerate
+from .distributed import in_data_parallel, sum_over_processes
 
 # %% auto #0
 __all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead', 'FPNSegmentation',
@@ -37,21 +38,15 @@ def _first_conv(m:nn.Module) -> nn.Conv2d: return next(c for c in m.modules() if
 
 class Res2NetSegmenter(nn.Module):
     "A body and a head over its stage features; pads the input to a multiple of `pad_to` and crops the logits to the input size"
-    pad_to = 32
+    pad_to, check_finite = 32, False
     def __init__(self, body:nn.Sequential, head:nn.Module, output_stride:int):
         super().__init__()
         self.body, self.head, self.output_stride = body, head, output_stride
 
     def check_input(self, x):
-        if torch.jit.is_tracing() or torch.compiler.is_compiling(): return
-        name, n_in = type(self).__name__, _first_conv(self.body).in_channels
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError(f"{name} takes a batch of images shaped (N, C, H, W), got {getattr(x, 'shape', type(x))}. For one image use x[None].")
-        if x.shape[1] != n_in:
-            raise ValueError(f"{name} was built for {n_in}-channel images but got {x.shape[1]}. Build it with n_in={x.shape[1]}, or convert the images.")
-        if min(x.shape[-2:]) < self.output_stride:
-            raise ValueError(f"{name} needs images of at least {self.output_stride}×{self.output_stride} px (its output stride), got "
-                             f"{tuple(x.shape[-2:])}. Resize them (e.g. item_tfms=Resize(64)) or use a smaller output_stride.")
+        "Raise a `ValueError` naming the fix if `x` is not a batch of images this network can take (set `check_finite` to refuse NaN and Inf)"
+        check_images(x, type(self).__name__, _first_conv(self.body).in_channels, self.output_stride,
+                     "Resize them (e.g. item_tfms=Resize(64)) or use a smaller output_stride.", self.check_finite)
 
     def stage_features(self, x) -> list:
         "Outputs of the body's last four children (C2–C5)"
@@ -174,11 +169,13 @@ class ConfusionMetric(Metric):
         if self.ignore_index is not None: keep &= targ != self.ignore_index
         cm = torch.bincount(targ[keep]*n + pred[keep], minlength=n*n).view(n, n).cpu().double()
         self.cm = cm if self.cm is None else self.cm + cm
+        self.shared = in_data_parallel(learn)
 
     def per_class(self) -> torch.Tensor: raise NotImplementedError
 
     @property
     def value(self):
+        if getattr(self, 'shared', False): self.cm, self.shared = sum_over_processes(self.cm), False  # every process's share of the validation set
         if self.cm is None: return None
         scores = self.per_class()
         return float(scores[~scores.isnan()].mean()) if (~scores.isnan()).any() else float('nan')

@@ -270,7 +270,11 @@ def test_segmentation_datablock_and_export(seg_dls, tmp_path):
     x, m = dls.one_batch()
     assert x.shape[-2:] == m.shape[-2:] == (32, 32)
     bright = x.mean(1) > 0.5  # the square is bright in the image and 1 in the mask
-    assert (bright == (m == 1)).float().mean() > 0.97
+    square = (m == 1).float()[:, None]
+    # Away from the square's edge (where linear image and nearest mask resampling differ by a pixel) they agree
+    interior = (F.max_pool2d(square, 3, 1, 1) == -F.max_pool2d(-square, 3, 1, 1))[:, 0]
+    assert interior.float().mean() > 0.8
+    assert (bright == (m == 1))[interior].float().mean() > 0.98  # worst of 300 batches: 0.992
     dls.show_batch(max_n=2)
     from res2netplus.models import res2netplus50
     learn = unet_learner(dls, res2netplus50, pretrained=False, n_out=2, cbs=CutMix(), path=tmp_path)

@@ -127,3 +127,29 @@ def test_features_only_at_output_stride(os_):
     outs = f(torch.randn(1, 3, 96, 96))
     assert [o.shape[-1] for o in outs] == [48, 24, 12, 96 // min(16, os_), 96 // os_]
     with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'): timm.create_model('res2netplus50', output_stride=12)
+
+def test_nan_or_inf_input_is_refused_when_asked():
+    "Off by default (a full pass over each batch); on, the bad images are named; timm's factory and the segmenters take it too"
+    x = torch.randn(3, 3, 64, 64)
+    x[1, 0, 5, 5], x[2, 2, 0, 0] = float('nan'), float('inf')
+    plain = create_res2net('res2netplus50', num_classes=4).eval()
+    with torch.no_grad(): assert not torch.isfinite(plain(x)).all()  # unchecked: NaN flows through
+    checked = timm.create_model('res2netplus50', num_classes=4, check_finite=True).eval()
+    with pytest.raises(ValueError, match=r'1 NaN and 1 infinite input values \(images \[1, 2\]'): checked(x)
+    with torch.no_grad(): assert torch.isfinite(checked(x[:1])).all()
+    from res2netplus.segmentation import create_seg_model
+    seg = create_seg_model('res2netplus50', 2, 'fpn').eval()
+    seg.check_finite = True
+    with pytest.raises(ValueError, match='fix the data'): seg(x)
+
+def test_check_finite_input_callback_stops_training_on_a_bad_batch(dls):
+    from fastai.vision.all import Learner, CrossEntropyLossFlat
+    from res2netplus.learner import CheckFiniteInput
+    learn = Learner(dls, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)), loss_func=CrossEntropyLossFlat(), cbs=CheckFiniteInput())
+    learn.fit(1, 1e-3)  # clean data passes
+    from fastai.callback.core import Callback
+    class Corrupt(Callback):
+        order = -30
+        def before_batch(self):
+            if self.training and self.iter == 1: x = self.xb[0].clone(); x[0, 0, 0, 0] = float('inf'); self.learn.xb = (x,)
+    with pytest.raises(ValueError, match=r'Training batch 1 of epoch 0 got 0 NaN and 1 infinite'): learn.fit(1, 1e-3, cbs=Corrupt())

@@ -1,0 +1,78 @@
+"Data-parallel training in 2 CPU processes (gloo): each task ends with identical weights on both ranks, rank 0 alone writes"
+import json, math, os, subprocess, sys
+from pathlib import Path
+import pytest, torch
+
+WORKER = Path(__file__).parent/'distributed_worker.py'
+
+def torchrun(*args, timeout=900):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=env)  # a rank left waiting in a collective would hang: the timeout fails it
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+def run_task(task, data, out):
+    torchrun(WORKER, task, data, out)
+    return [torch.load(out/f'rank{r}.pt', weights_only=False) for r in (0, 1)]
+
+def assert_same_model(r0, r1):
+    assert r0['state'].keys() == r1['state'].keys()
+    for k, v in r0['state'].items(): assert torch.equal(v, r1['state'][k]), k  # parameters and BatchNorm statistics
+
+def assert_split_work(r0, r1, bs):
+    "Each rank trained on its own half of every epoch"
+    assert len(r0['batches']) == len(r1['batches']) > 0
+    assert [b for _, b in r0['batches']] == [b for _, b in r1['batches']] and all(b == bs for _, b in r0['batches'])
+    assert [f for f, _ in r0['batches']] != [f for f, _ in r1['batches']]
+    per_epoch = r0['n_train'] // 2 // bs  # fastai drops the last partial training batch
+    assert len(r0['batches']) % per_epoch == 0
+
+def assert_only_rank0_wrote(out, expected):
+    assert {p.name for p in (out/'run0').iterdir()} >= set(expected)
+    assert not (out/'run1').exists() or not any((out/'run1').rglob('*'))
+    lines = (out/'run0'/'history.csv').read_text().splitlines()
+    assert sum(l.startswith('epoch') for l in lines) == 1  # one header: rank 1 did not log
+
+def test_classification(image_folder, tmp_path):
+    r0, r1 = run_task('classify', image_folder, tmp_path)
+    assert_same_model(r0, r1)
+    assert_split_work(r0, r1, bs=4)
+    assert len(r0['batches']) == 2 * (24 // 2 // 4)  # 2 epochs of 3 batches per rank (24 training images, batches of 4)
+    assert r0['values'] == r1['values'] and all(math.isfinite(v) for v in r0['values'][-1])  # metrics gathered over both shares
+    assert_only_rank0_wrote(tmp_path, ['checkpoint.pth', 'best.safetensors', 'history.csv'])
+    ckpt = torch.load(tmp_path/'run0'/'checkpoint.pth', weights_only=True)
+    assert not any(k.startswith('module.') for k in ckpt['model'])  # the bare model's keys, loadable without DDP
+    for k, v in ckpt['model'].items(): assert torch.equal(v, r0['state'][k]), k
+
+def test_nan_on_one_rank_stops_both(image_folder, tmp_path):
+    r0, r1 = run_task('nan', image_folder, tmp_path)
+    assert r0['nan_at'] == r1['nan_at'] == (0, 1)
+    assert len(r0['batches']) == len(r1['batches']) == 1  # the first batch; the second stopped both before its end
+
+def test_segmentation(tmp_path):
+    r0, r1 = run_task('segment', tmp_path, tmp_path)
+    assert_same_model(r0, r1)
+    assert_split_work(r0, r1, bs=3)
+    assert r0['values'] == r1['values']
+    assert_only_rank0_wrote(tmp_path, ['checkpoint.pth', 'best.safetensors', 'history.csv'])
+
+def test_detection(tmp_path):
+    r0, r1 = run_task('detect', tmp_path, tmp_path)
+    assert_same_model(r0, r1)
+    assert_split_work(r0, r1, bs=2)
+    assert r0['values'] == r1['values']  # COCO AP and loss parts over both shares of the validation set
+    assert_only_rank0_wrote(tmp_path, ['best.safetensors', 'history.csv'])
+
+def test_command_line_distributed(image_folder, tmp_path):
+    out = tmp_path/'run'
+    r = subprocess.run([sys.executable, '-m', 'res2netplus.cli', 'train', '--distributed', '2', '--data', str(image_folder), '--epochs', '1',
+                        '--size', '64', '--bs', '4', '--mix', 'none', '--out', str(out)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert r.stdout.count('valid accuracy') == 1  # rank 0 reports
+    res = json.loads((out/'metrics.json').read_text())
+    assert 0 <= res['accuracy'] <= 1
+    assert {'export.pkl', 'model.safetensors', 'config.json', 'checkpoint.pth', 'best.safetensors'} <= {p.name for p in out.iterdir()}
+    assert torch.load(out/'checkpoint.pth', weights_only=True)['world_size'] == 2
+    assert (out/'metrics.csv').read_text().count('epoch,') == 1
