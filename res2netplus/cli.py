@@ -21,13 +21,13 @@ def _dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
     kw = dict(item_tfms=[AlbumentationsTransform(res2netplus_augs(size)), Resize(size)], bs=bs, seed=seed,
               **({} if workers is None else {'num_workers': workers}))
     if path.is_file():
-        df = check_image_csv(path)
+        df = check_image_csv(path, decode=True)
         valid = dict(valid_col='is_valid') if 'is_valid' in df else dict(valid_pct=0.2)
         dls = ImageDataLoaders.from_df(df, path.parent, fn_col='fname', label_col='label', **valid, **kw)
         missing = sorted(set(dls.vocab) - set(dls.valid_ds.items['label']))
         if missing: raise ValueError(f"Classes missing from the validation rows of {path}: {', '.join(map(str, missing))}. Give them is_valid rows, so they can be measured.")
         return dls, [str(c) for c in dls.vocab]
-    classes = check_image_folder(path)
+    classes = check_image_folder(path, decode=True)  # a damaged file stops the run now, named, not mid-epoch
     return ImageDataLoaders.from_folder(path, train='train', valid='valid', **kw), classes
 
 def _seg_dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
@@ -36,7 +36,7 @@ def _seg_dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
     from fastai.vision.all import DataBlock, ImageBlock, MaskBlock, RandomSplitter, FuncSplitter, Resize
     from res2netplus.augment import AlbumentationsTransform, res2netplus_augs
     from res2netplus.data import check_segmentation_folder, read_valid_stems, image_files, MaskFromImage
-    codes = check_segmentation_folder(path)
+    codes = check_segmentation_folder(path, decode=True)
     stems, n = read_valid_stems(path), len(image_files(path/'images'))
     if stems is None and int(0.2*n) < 1:
         raise ValueError(f"{path/'images'} has {n} image(s), too few to hold out 20 % for validation: add images (5 at least), or list validation stems in {path/'valid.txt'}.")
@@ -106,6 +106,12 @@ SHAPES = dict(n_images=96, size=64)  # the generated data `--task segment` train
 
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite: training stopped"
+
+def _worker_death(e:Exception, out) -> str|None:
+    "What to tell the user if `e` is PyTorch's report of a dead data loader worker"
+    if 'DataLoader worker' not in str(e): return None
+    return (f"A data loader worker died ({str(e).splitlines()[0]}), often for lack of memory: training stopped. {Path(out)/'checkpoint.pth'} "
+            f"holds the last finished epoch: continue with `res2netplus train --resume --out {out}` (add --workers 0 or a smaller number to use less memory).")
 
 def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='unet', output_stride:int|None=None, detector:str='rcnn',
           size:int|None=None, bs:int|None=None, epochs:int=3, lr:float|None=None, mix:str='cutmix', pretrained:bool=False, weights=None,
@@ -359,6 +365,11 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         if not quiet: print(f"res2netplus: error: {e}", file=sys.stderr)
         return 3
+    except RuntimeError as e:
+        died = _worker_death(e, getattr(args, 'out', '.'))
+        if died is None: raise  # a bug: show its traceback
+        if not quiet: print(f"res2netplus: error: {died}", file=sys.stderr)
+        return 4
     return 0
 
 # %% ../nbs/09_cli.ipynb #c09main01

@@ -78,17 +78,23 @@ def fashion_mnist_subset(dest, n_train:int=200, n_valid:int=50, seed:int=0, root
 # %% ../nbs/03_data.ipynb #2fc042b7
 def _images(folder:Path) -> list: return [p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS]
 
-def _check_readable(files:list, where) -> None:
-    "Open each image's header (cheap) and raise naming the files that are not images"
-    bad = []
-    for f in files:
-        try:
-            with Image.open(f) as im: im.size
-        except Exception: bad.append(str(f))
-    if bad: raise ValueError(f"{len(bad)} unreadable image(s) in {where}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}. Remove or replace them.")
+def _readable(f, decode:bool) -> bool:
+    try:
+        with Image.open(f) as im:
+            if decode: im.load()  # a truncated or damaged body passes the header check and fails mid-epoch
+            else: im.size
+        return True
+    except Exception: return False
 
-def check_image_folder(path, train:str='train', valid:str='valid') -> list:
-    "Check an ImageNet-style tree `path/{train,valid}/<class>/…`; return the class names or raise naming the fix"
+def _check_readable(files:list, where, decode:bool=False) -> None:
+    "Open each image's header (cheap), or with `decode` the whole image (in threads), and raise naming the files that are not images"
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1) if decode else 1) as ex: ok = list(ex.map(_readable, files, [decode] * len(files)))
+    bad = [str(f) for f, good in zip(files, ok) if not good]
+    if bad: raise ValueError(f"{len(bad)} unreadable or damaged image(s) in {where}: {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}. Remove or replace them.")
+
+def check_image_folder(path, train:str='train', valid:str='valid', decode:bool=False) -> list:
+    "Check an ImageNet-style tree `path/{train,valid}/<class>/…` (`decode`: every image in full); return the class names or raise naming the fix"
     path = Path(path).expanduser()
     layout = f"Expected {path}/{train}/<class>/<image> and {path}/{valid}/<class>/<image>."
     if not path.is_dir(): raise FileNotFoundError(f"Data folder {path} does not exist. {layout}")
@@ -104,7 +110,7 @@ def check_image_folder(path, train:str='train', valid:str='valid') -> list:
                                     f"fastai labels an image by its parent folder. Move them up into their class folder.")
         empty = [k for k, v in images.items() if not v]
         if empty: raise ValueError(f"Class folders without images in {d}: {', '.join(empty)}. Add images or remove them.")
-        _check_readable([f for v in images.values() for f in v], d)
+        _check_readable([f for v in images.values() for f in v], d, decode)
         classes[split] = [f.name for f in folders]
     missing = sorted(set(classes[train]) - set(classes[valid]))
     extra = sorted(set(classes[valid]) - set(classes[train]))
@@ -113,8 +119,8 @@ def check_image_folder(path, train:str='train', valid:str='valid') -> list:
     return classes[train]
 
 # %% ../nbs/03_data.ipynb #3fc28a5b
-def check_image_csv(csv) -> 'pd.DataFrame':
-    "Read a CSV of `fname,label[,is_valid]` (file names relative to the CSV's folder); return it or raise naming the fix"
+def check_image_csv(csv, decode:bool=False) -> 'pd.DataFrame':
+    "Read a CSV of `fname,label[,is_valid]` (file names relative to the CSV's folder; `decode`: check every image in full); return it or raise naming the fix"
     import pandas as pd
     csv = Path(csv).expanduser()
     layout = "Expected a CSV with columns fname,label and optionally is_valid (True/False), file names relative to the CSV's folder."
@@ -131,7 +137,7 @@ def check_image_csv(csv) -> 'pd.DataFrame':
     files = [csv.parent/str(f) for f in df['fname']]
     missing = [str(f) for f in files if not f.is_file()]
     if missing: raise FileNotFoundError(f"{len(missing)} file(s) named in {csv} do not exist: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}. {layout}")
-    _check_readable(files, csv)
+    _check_readable(files, csv, decode)
     return df
 
 # %% ../nbs/03_data.ipynb #a91e816e
@@ -216,8 +222,8 @@ def read_codes(path) -> list:
     "The class names in a codes file, one a line (blank lines skipped)"
     return [l.strip() for l in Path(path).read_text().splitlines() if l.strip()]
 
-def check_segmentation_folder(path, images:str='images', masks:str='masks', codes:str='codes.txt', ignore_index:int|None=255) -> list:
-    "Check a segmentation folder `path/{images,masks}/…` with `path/codes.txt`; return the class names or raise naming the fix"
+def check_segmentation_folder(path, images:str='images', masks:str='masks', codes:str='codes.txt', ignore_index:int|None=255, decode:bool=False) -> list:
+    "Check a segmentation folder `path/{images,masks}/…` with `path/codes.txt` (`decode`: every image in full); return the class names or raise naming the fix"
     path = Path(path).expanduser()
     img_dir, mask_dir, codes_file = path/images, path/masks, path/codes
     ignore = f", or {ignore_index} for pixels to ignore" if ignore_index is not None else ""
@@ -239,7 +245,7 @@ def check_segmentation_folder(path, images:str='images', masks:str='masks', code
     orphans = [f.name for f, m in pairs if m is None]
     if orphans: raise ValueError(f"{len(orphans)} of {len(files)} image(s) have no mask in {mask_dir} ({_names(orphans, 5)}): "
                                  f"add <stem>.png masks for them, or move them out of {img_dir}.")
-    _check_readable(files, img_dir)
+    _check_readable(files, img_dir, decode)
     _check_readable([m for _, m in pairs], mask_dir)
     resized, beyond = [], []
     for f, m in pairs:
