@@ -70,7 +70,7 @@ def test_train_from_csv_with_lr_find(image_folder, tmp_path):
     metrics = json.loads((out/'metrics.json').read_text())
     assert metrics['classes'] == ['disc', 'square'] and metrics['mix'] == 'none' and metrics['lr'] == pytest.approx(found, rel=0.01)
 
-@pytest.mark.parametrize('problem,message', [('unreadable', 'unreadable image(s)'), ('csv_missing_file', 'do not exist'),
+@pytest.mark.parametrize('problem,message', [('unreadable', 'unreadable or damaged image(s)'), ('csv_missing_file', 'do not exist'),
                                              ('bad_mix', 'Unknown mix'), ('empty', 'has no class folders')])
 def test_bad_data_ends_with_a_message(image_folder, tmp_path, problem, message):
     import shutil

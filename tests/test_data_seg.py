@@ -88,14 +88,14 @@ def test_mask_size_and_mode(bad):
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(bad/'masks'/'0002.png')
     with pytest.raises(ValueError, match='mode RGB'): check_segmentation_folder(bad)
     (bad/'masks'/'0002.png').write_bytes(b'not a png')
-    with pytest.raises(ValueError, match=r'1 unreadable image\(s\) in .*masks'): check_segmentation_folder(bad)
+    with pytest.raises(ValueError, match=r'1 unreadable or damaged image\(s\) in .*masks'): check_segmentation_folder(bad)
 
 def test_images(bad):
     (bad/'images'/'sub').mkdir(); shutil.copy(bad/'images'/'0000.png', bad/'images'/'sub')
     with pytest.raises(ValueError, match='put every image directly in'): check_segmentation_folder(bad)
     shutil.rmtree(bad/'images'/'sub')
     (bad/'images'/'0004.png').write_text('broken')
-    with pytest.raises(ValueError, match=r'1 unreadable image\(s\) in .*images'): check_segmentation_folder(bad)
+    with pytest.raises(ValueError, match=r'1 unreadable or damaged image\(s\) in .*images'): check_segmentation_folder(bad)
     for f in (bad/'images').iterdir(): f.unlink()
     with pytest.raises(ValueError, match='has no images'): check_segmentation_folder(bad)
 
