@@ -72,3 +72,23 @@ def test_resume_needs_a_whole_checkpoint(tmp_path, problem, message):
         (tmp_path/'checkpoint.pth').write_bytes(data[:len(data)//2])
     r = cli('train', '--resume', '--out', str(tmp_path))
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+def test_detection_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    "--task detect checkpoints every epoch too, and --resume ends where the uninterrupted run ends"
+    from res2netplus.detection import make_detection_shapes
+    data = make_detection_shapes(tmp_path/'shapes', n_images=8, size=64, seed=0)
+    run = ['--task', 'detect', '--data', str(data), '--size', '64', '--bs', '2', '--epochs', '3', '--workers', '0']
+    whole, cut = tmp_path/'whole', tmp_path/'cut'
+    r = cli('train', *run, '--out', str(whole))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli_with(FAIL_IN_EPOCH_2, 'train', *run, '--out', str(cut))
+    assert r.returncode != 0 and 'injected failure' in r.stderr
+    assert torch.load(cut/'checkpoint.pth', weights_only=True)['epoch'] == 1 and (cut/'best.safetensors').exists()
+    r = cli('train', '--resume', '--out', str(cut))
+    assert r.returncode == 0 and 'resuming' in r.stdout, r.stderr[-3000:]
+    a, b = load_file(whole/'model.safetensors'), load_file(cut/'model.safetensors')
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert diff <= 1e-6, diff
+    assert epochs_logged(cut/'metrics.csv') == epochs_logged(whole/'metrics.csv') == [0, 1, 2]
+    mw, mc = json.loads((whole/'metrics.json').read_text()), json.loads((cut/'metrics.json').read_text())
+    assert mw['box'] == mc['box']
