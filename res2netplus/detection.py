@@ -27,12 +27,12 @@ __all__ = ['NORMS', 'RCNN_REFERENCE', 'DETECTORS', 'COCO_STATS', 'IOU_TYPES', 'D
            'res2net_fpn_backbone', 'rpn_anchor_generator', 'split_rcnn_kwargs', 'fasterrcnn_res2net_fpn',
            'maskrcnn_res2net_fpn', 'fasterrcnn_res2netplus50_fpn', 'maskrcnn_res2netplus50_fpn',
            'fasterrcnn_res2net101d_fpn', 'maskrcnn_res2net101d_fpn', 'fasterrcnn_res2netplus101_fpn',
-           'maskrcnn_res2netplus101_fpn', 'coco_detection_items', 'voc_detection_items', 'detection_augs',
-           'boxes_from_masks', 'DetectionAugment', 'DetectionDataset', 'detection_collate', 'draw_detections',
-           'DetectionDataLoader', 'detection_dataloaders', 'split_records', 'coco_dataloaders', 'voc_dataloaders',
-           'detection_dataloaders_from_folder', 'make_detection_shapes', 'COCOAccumulator', 'coco_evaluate',
-           'COCOMetric', 'coco_metrics', 'loss_mode', 'loss_names', 'has_mask_head', 'Detections', 'DetectionLoss',
-           'LossPart', 'DetectionCallback', 'GatherDetections', 'DetectionLearner', 'detection_sgd',
+           'maskrcnn_res2netplus101_fpn', 'clean_boxes', 'coco_detection_items', 'voc_detection_items',
+           'detection_augs', 'boxes_from_masks', 'DetectionAugment', 'DetectionDataset', 'detection_collate',
+           'draw_detections', 'DetectionDataLoader', 'detection_dataloaders', 'split_records', 'coco_dataloaders',
+           'voc_dataloaders', 'detection_dataloaders_from_folder', 'make_detection_shapes', 'COCOAccumulator',
+           'coco_evaluate', 'COCOMetric', 'coco_metrics', 'loss_mode', 'loss_names', 'has_mask_head', 'Detections',
+           'DetectionLoss', 'LossPart', 'DetectionCallback', 'GatherDetections', 'DetectionLearner', 'detection_sgd',
            'detection_splitter', 'detection_learner', 'detector_factory', 'res2netplus_det_learner',
            'evaluate_detector', 'train_detection', 'predict_detection']
 
@@ -189,6 +189,23 @@ def _record(file, height, width, boxes, labels, iscrowd, segms=None, image_id=0)
                 boxes=np.asarray(boxes, np.float32).reshape(-1, 4), labels=np.asarray(labels, np.int64),
                 iscrowd=np.asarray(iscrowd, np.int64), segms=segms)
 
+def clean_boxes(records:list, source) -> list:
+    "Clip each record's boxes to its image and drop those left with no area (with their labels and masks); warn with the counts"
+    clipped = dropped = 0
+    for r in records:
+        b = r['boxes']
+        if not len(b): continue
+        c = b.copy()
+        c[:, 0::2], c[:, 1::2] = c[:, 0::2].clip(0, r['width']), c[:, 1::2].clip(0, r['height'])
+        keep = (c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])  # a box with no area cannot be regressed, one outside the image neither
+        clipped, dropped = clipped + int(((c != b).any(1) & keep).sum()), dropped + int((~keep).sum())
+        r['boxes'], r['labels'], r['iscrowd'] = c[keep], r['labels'][keep], r['iscrowd'][keep]
+        if r['segms'] is not None: r['segms'] = [s for s, k in zip(r['segms'], keep) if k]
+    if clipped or dropped:
+        warnings.warn(f"{source}: clipped {clipped} box(es) that reached outside their image to it, and dropped {dropped} box(es) with "
+                      "no area inside the image, with their labels and masks. Fix the annotations to keep them.")
+    return records
+
 def coco_detection_items(images_dir, ann_json) -> tuple:
     "The records of a COCO instances file (one per image, objects or not), the class names (background first) and the COCO category ids"
     images_dir, ann_json = Path(images_dir).expanduser(), Path(ann_json).expanduser()
@@ -210,12 +227,12 @@ def coco_detection_items(images_dir, ann_json) -> tuple:
     if absent: raise ValueError(f"{len(absent)} image(s) listed in {ann_json} are not in {images_dir} ({', '.join(absent[:3])}{' …' if len(absent) > 3 else ''}).")
     records = []
     for im in coco['images']:
-        anns = [a for a in per_image[im['id']] if a['bbox'][2] > 0 and a['bbox'][3] > 0]  # degenerate boxes cannot be regressed
+        anns = per_image[im['id']]
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)]
         segms = [a.get('segmentation') for a in anns]
         records.append(_record(images_dir/im['file_name'], im['height'], im['width'], boxes, [label_of[a['category_id']] for a in anns],
                                [int(a.get('iscrowd', 0)) for a in anns], segms if all(s for s in segms) else None, im['id']))
-    return records, ['background'] + [c['name'] for c in cats], [c['id'] for c in cats]
+    return clean_boxes(records, ann_json), ['background'] + [c['name'] for c in cats], [c['id'] for c in cats]
 
 def voc_detection_items(annotations_dir, images_dir, classes=None) -> tuple:
     "The records of a folder of Pascal-VOC XML files, and the class names (background first; sorted unless `classes` gives them)"
@@ -240,7 +257,7 @@ def voc_detection_items(annotations_dir, images_dir, classes=None) -> tuple:
     label_of = {n: i + 1 for i, n in enumerate(names)}
     records = [_record(image, h, w, [b for _, b, _ in objs], [label_of[n] for n, _, _ in objs], [d for *_, d in objs], image_id=i)
                for i, (image, h, w, objs) in enumerate(parsed)]
-    return records, ['background'] + names
+    return clean_boxes(records, annotations_dir), ['background'] + names
 
 # %% ../nbs/07_detection.ipynb #3a6c8e14
 def detection_augs(p_flip:float=0.5, scale=(0.75, 1.25), translate:float=0.1, p_affine:float=0.5, p_colour:float=0.3) -> list:

@@ -229,3 +229,28 @@ def test_learner_lr_find_fp16_empty_batches(tmp_path):
         bad = res2netplus_det_learner(dls, 'res2net50d', min_size=64, max_size=64, loss_weights={'loss_mask': 1.}, **TINY)
         bad.fit(1, cbs=ShortEpochCallback(pct=0.01))
     with pytest.raises(ValueError, match='masks=True'): res2netplus_det_learner(dls, 'res2net50d', task='instance')
+
+def test_boxes_outside_the_image_are_clipped_and_empty_ones_dropped(tmp_path):
+    "COCO and VOC alike: clipped to the image or dropped (with their labels and masks), and the counts said"
+    path = make_detection_shapes(tmp_path/'s', n_images=1, size=64, seed=0, max_objects=1)
+    ann = json.loads((path/'annotations.json').read_text())
+    good = ann['annotations'][0]
+    extra = [dict(good, id=100, bbox=[50, 40, 30, 10]),   # reaches 16 px past the right edge: clipped to 50..64
+             dict(good, id=101, bbox=[10, 10, 0, 5]),     # no width
+             dict(good, id=102, bbox=[70, 10, 5, 5])]     # wholly outside
+    ann['annotations'] += extra
+    (tmp_path/'a.json').write_text(json.dumps(ann))
+    with pytest.warns(UserWarning, match=r'clipped 1 box\(es\).*dropped 2 box\(es\)'):
+        records, classes, _ = coco_detection_items(path/'images', tmp_path/'a.json')
+    r = records[0]
+    assert len(r['boxes']) == len(r['labels']) == len(r['segms']) == 2
+    np.testing.assert_allclose(r['boxes'][1], [50, 40, 64, 50])
+    ds = DetectionDataset(records, classes, with_masks=True)
+    _, t = ds[0]
+    assert len(t['masks']) == len(t['boxes']) == 2
+    _write_voc(tmp_path/'voc')
+    xml = tmp_path/'voc'/'Annotations'/'a.xml'
+    xml.write_text(xml.read_text().replace('<xmax>70</xmax>', '<xmax>95</xmax>'))  # the cat reaches past the 80 px width
+    with pytest.warns(UserWarning, match=r'clipped 1 box\(es\).*dropped 0'):
+        records, _ = voc_detection_items(tmp_path/'voc'/'Annotations', tmp_path/'voc'/'JPEGImages')
+    assert records[0]['boxes'][1].tolist() == [49, 4, 80, 30]
