@@ -5,7 +5,7 @@
 
 # %% ../nbs/07_detection.ipynb #3c9e5b84
 from __future__ import annotations
-import json, math, warnings, xml.etree.ElementTree as ET
+import json, math, os, warnings, xml.etree.ElementTree as ET
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -285,9 +285,12 @@ class DetectionAugment:
         if proc is None or proc.params.format != 'pascal_voc' or 'index' not in (proc.params.label_fields or []):
             raise ValueError(f"The Compose needs bbox_params=A.BboxParams(**{params}), so that boxes follow the image and dropped "
                              "boxes take their labels and masks with them; or pass a plain list of transforms.")
-        self.augs = augs
+        self.augs, self._seeded_in = augs, None
 
     def __call__(self, image:np.ndarray, boxes:np.ndarray, labels:np.ndarray, iscrowd:np.ndarray, masks=None) -> tuple:
+        if getattr(self, '_seeded_in', None) != os.getpid():  # albumentations' own generator ignores fastai's seeds: draw it from numpy, per process
+            self.augs.set_random_seed(int(np.random.randint(2**31)))
+            self._seeded_in = os.getpid()
         args = dict(image=image, bboxes=boxes.reshape(-1, 4), labels=labels, index=np.arange(len(boxes)))
         if masks is not None and len(masks): args['masks'] = list(masks)
         res = self.augs(**args)

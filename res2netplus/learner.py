@@ -75,8 +75,9 @@ class EpochSeed(Callback):
         for i, dl in enumerate(self.dls.loaders):
             if isinstance(dl, DistributedDL): dl = dl.dl  # a data-parallel share: rank 0's order of the loader it wraps is broadcast
             dl.rng = random.Random(s + i)
-            for t in dl.after_item.fs:
-                if isinstance(t, AlbumentationsTransform): t._seeded_in = None  # reseeds from numpy at its next item
+            # albumentations pipelines (fastai's AlbumentationsTransform, a detection dataset's DetectionAugment) reseed from numpy at their next item
+            for t in [*getattr(getattr(dl, 'after_item', None), 'fs', []), getattr(getattr(dl, 'dataset', None), 'augment', None)]:
+                if hasattr(t, '_seeded_in'): t._seeded_in = None
 
 def _skipping(learn) -> bool: return getattr(learn, '_skipping_epoch', False)
 
