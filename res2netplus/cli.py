@@ -137,7 +137,7 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     if task in ('detect', 'instance'):
         from res2netplus.detection import train_detection
         return train_detection(data, out=out, task=task, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
-                               weights=weights, seed=seed, workers=workers, detector=detector, sync_bn=sync_bn, resume=_checkpoint,
+                               weights=weights, seed=seed, workers=workers, detector=detector, sync_bn=sync_bn, resume_from=_checkpoint,
                                run_info=dict(args=args, world_size=max(num_distrib(), 1)))
     if segment:
         from res2netplus.segmentation import res2netplus_seg_learner, SEG_HEADS

@@ -884,9 +884,9 @@ def _json_float(v): return None if v is None or (isinstance(v, float) and math.i
 
 def train_detection(data=None, out='runs/detection', task:str='detect', arch:str='res2netplus50', size:int=512, bs:int=4, epochs:int=12,
                     lr:float|None=0.02, pretrained:bool=False, weights=None, seed:int=42, workers:int|None=None, valid_pct:float=0.2,
-                    augs='default', detector:str='rcnn', sync_bn:bool=False, resume:dict|None=None, run_info:dict|None=None, **model_kwargs) -> dict:
+                    augs='default', detector:str='rcnn', sync_bn:bool=False, resume_from:dict|None=None, run_info:dict|None=None, **model_kwargs) -> dict:
     """Train Faster R-CNN (`task='detect'`) or Mask R-CNN (`'instance'`) on a COCO or VOC folder (none: generated shapes); write the results to `out`.
-    Every epoch is reseeded from `seed` and checkpointed to `out/checkpoint.pth` (with `run_info`); `resume`: such a checkpoint (`read_checkpoint`) to continue from"""
+    Every epoch is reseeded from `seed` and checkpointed to `out/checkpoint.pth` (with `run_info`); `resume_from`: such a checkpoint (`read_checkpoint`) to continue from"""
     import time, safetensors.torch
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -906,7 +906,7 @@ def train_detection(data=None, out='runs/detection', task:str='detect', arch:str
     dls = detection_dataloaders_from_folder(path, masks=task == 'instance', bs=bs, seed=seed, valid_pct=valid_pct, augs=augs,
                                             num_workers=0 if workers is None else workers)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    if resume is None and is_main_process(): (out/'metrics.csv').unlink(missing_ok=True)  # a resumed run appends
+    if resume_from is None and is_main_process(): (out/'metrics.csv').unlink(missing_ok=True)  # a resumed run appends
     learn = res2netplus_det_learner(dls, arch, task, pretrained=pretrained, weights=weights, min_size=size, max_size=round(size * 1333 / 800),
                                     path=out, model_dir='.', cbs=[CSVLogger(fname='metrics.csv', append=True), StopOnNaN()], detector=detector, **model_kwargs)
     if lr == 0:
@@ -916,10 +916,10 @@ def train_detection(data=None, out='runs/detection', task:str='detect', arch:str
     run_info = dict(run_info or {})
     if 'args' in run_info: run_info['args'] = {**run_info['args'], 'lr': float(lr)}  # a resumed run does not search again
     first = 0
-    if resume is not None:
-        first = learn.load_run_checkpoint(resume)[1]
-        print(f"resuming {out} after epoch {resume['epoch']}")
-    best = SaveBestWeights('best.safetensors', best=resume and resume['best'])
+    if resume_from is not None:
+        first = learn.load_run_checkpoint(resume_from)[1]
+        print(f"resuming {out} after epoch {resume_from['epoch']}")
+    best = SaveBestWeights('best.safetensors', best=resume_from and resume_from['best'])
     cbs = [_RecipeControl(), EpochSeed(seed), RunCheckpoint('checkpoint.pth', 0, run_info), best, *([SkipToEpoch(first)] if first else [])]
     start = time.time()
     with learn.data_parallel(sync_bn): learn.fit_one_cycle(epochs, lr, cbs=cbs)

@@ -161,7 +161,7 @@ class SegmentationLoss(nn.Module):
 class ConfusionMetric(Metric):
     "Accumulate a confusion matrix over the validation set (targets × predictions), skipping `ignore_index`"
     def __init__(self, ignore_index:int|None=255, axis:int=1): self.ignore_index, self.axis = ignore_index, axis
-    def reset(self): self.cm = None
+    def reset(self): self.cm, self.shared = None, False
     def accumulate(self, learn):
         n = learn.pred.shape[self.axis]
         pred, targ = learn.pred.argmax(dim=self.axis).flatten(), torch.as_tensor(learn.y).flatten().long()
@@ -175,7 +175,7 @@ class ConfusionMetric(Metric):
 
     @property
     def value(self):
-        if getattr(self, 'shared', False): self.cm, self.shared = sum_over_processes(self.cm), False  # every process's share of the validation set
+        if self.shared: self.cm, self.shared = sum_over_processes(self.cm), False  # every process's share of the validation set
         if self.cm is None: return None
         scores = self.per_class()
         return float(scores[~scores.isnan()].mean()) if (~scores.isnan()).any() else float('nan')

@@ -76,3 +76,23 @@ def test_command_line_distributed(image_folder, tmp_path):
     assert {'export.pkl', 'model.safetensors', 'config.json', 'checkpoint.pth', 'best.safetensors'} <= {p.name for p in out.iterdir()}
     assert torch.load(out/'checkpoint.pth', weights_only=True)['world_size'] == 2
     assert (out/'metrics.csv').read_text().count('epoch,') == 1
+
+def test_resume_relaunches_with_the_interrupted_runs_process_count(tmp_path, monkeypatch, capsys):
+    "--resume reads the process count from checkpoint.pth; --distributed must be a count; under a launcher nothing relaunches"
+    import res2netplus.cli as cli
+    launched = []
+    monkeypatch.setattr(cli, 'launch', lambda n, argv: launched.append((n, argv)) or 0)
+    out = tmp_path/'run'; out.mkdir()
+    torch.save(dict(world_size=2, epoch=0, phase=0, args={}), out/'checkpoint.pth')
+    assert cli.main(['train', '--resume', '--out', str(out)]) == 0
+    assert launched == [(2, ['train', '--resume', '--out', str(out)])]
+    assert cli.main(['train', '--distributed', '3', '--epochs', '1']) == 0 and launched[-1][0] == 3
+    assert cli._without_distributed(['train', '--distributed', '3', '--epochs', '1', '--distributed=2']) == ['train', '--epochs', '1']
+    assert cli.main(['train', '--distributed', '0']) == 2 and 'number of processes' in capsys.readouterr().err
+    import functools
+    @functools.wraps(cli.train)  # the parser reads train's signature
+    def train_here(**kw): raise ValueError('trained in this process')
+    monkeypatch.setattr(cli, 'train', train_here)
+    monkeypatch.setenv('WORLD_SIZE', '2')  # already under a launcher: this process trains, nothing relaunches
+    assert cli.main(['train', '--distributed', '2']) == 2 and len(launched) == 2
+    assert 'trained in this process' in capsys.readouterr().err
