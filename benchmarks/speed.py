@@ -4,8 +4,9 @@ round, so that load on the machine affects all models alike; medians with min–
 
     python benchmarks/speed.py                       # CPU: inference, training, memory, torch.compile (~25 min on 2 idle cores)
     python benchmarks/speed.py --quick               # smoke run: small sizes, 2 rounds, no compile (< 2 min)
-    python benchmarks/speed.py --only train memory   # some sections: infer, train, memory, compile
-    python benchmarks/speed.py --device cuda         # GPU: AMP (bf16, else fp16), channels_last, bigger batches, img/s
+    python benchmarks/speed.py --only train memory   # some sections: infer, train, memory, compile, train_compiled
+    python benchmarks/speed.py --device cuda         # GPU: AMP (bf16, else fp16), channels_last, bigger batches, img/s,
+                                                     # and compiled training steps (train_compiled)
 
 Rows: `res2netplus50` runs the fused Mish + BatchNorm kernels (the default), `res2netplus50 (reference)` the same
 network on the straightforward modules (`fast_path('reference')`, the "before"), `res2netplus50 (deploy)` the
@@ -40,7 +41,7 @@ def settings(args):
     cuda = args.device == 'cuda'
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     if args.quick: return dict(infer=(2, 64), train=[(2, 64)], memory=(2, 64), rounds=2, iters=1, amp=amp)
-    if cuda: return dict(infer=(256, 224), train=[(128, 224), (256, 128)], memory=(128, 224), rounds=5, iters=10, amp=amp)
+    if cuda: return dict(infer=(256, 224), train=[(128, 224), (256, 128)], memory=(128, 224), rounds=args.rounds, iters=10, amp=amp)
     return dict(infer=(8, 224), train=[(8, 224), (32, 128)], memory=(8, 224), rounds=args.rounds, iters=3, amp=None)
 
 def sync(device):
@@ -186,7 +187,7 @@ def run_memory(args, cfg):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
     amp = {None: 'none'}.get(cfg['amp'], 'bf16' if 'bfloat' in str(cfg['amp']) else 'fp16')
     peaks = {m: [] for m in TRAIN_MODELS}
-    for k in range(1 if args.quick else 3):
+    for k in range(1 if args.quick or args.device == 'cuda' else 3):  # the CUDA allocator's peak does not vary
         for m in TRAIN_MODELS:
             cmd = [sys.executable, __file__, '--device', args.device, '--threads', str(args.threads), '--amp', amp,
                    '--memory-child', m, str(bs), str(size)]
@@ -221,11 +222,26 @@ def run_compile(args, cfg):
     for m in names: res[m]['graph_breaks'] = breaks[m]
     return {col: res}
 
+def run_train_compiled(args, cfg):
+    "torch.compile (inductor) of whole training steps' models, as a GPU user would train; ratios against compiled resnet50"
+    import torch
+    bs, size = cfg['train'][0]
+    cl = args.device == 'cuda'
+    col = f"compiled train b{bs}@{size}{' channels_last' if cl else ''}"
+    print(f'{col} (compiling takes minutes) …', file=sys.stderr, flush=True)
+    runners = []
+    for m in ['resnet50', 'res2net50d (timm)', 'res2net50d (ours)', 'res2netplus50']:
+        r = Runner(m, 'train', bs, size, args.device, cl, cfg['amp'])
+        torch._dynamo.reset()
+        r.model = torch.compile(r.model)
+        runners.append(r)
+    return {col: summarize(interleaved(runners, cfg['rounds'], cfg['iters'], warmup=2), bs)}
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     p.add_argument('--quick', action='store_true', help='small sizes, 2 rounds, no compile: a smoke run')
-    p.add_argument('--only', nargs='+', choices=['infer', 'train', 'memory', 'compile'])
+    p.add_argument('--only', nargs='+', choices=['infer', 'train', 'memory', 'compile', 'train_compiled'])
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--threads', type=int, default=2, help='torch threads on a CPU (default 2)')
     p.add_argument('--memory-child', nargs=3, help=argparse.SUPPRESS)
@@ -237,7 +253,8 @@ def main():
     torch.set_num_threads(args.threads)
     if args.device == 'cuda': torch.backends.cudnn.benchmark = True
     cfg = settings(args)
-    sections = args.only or (['infer', 'train', 'memory'] + ([] if args.quick else ['compile']))
+    sections = args.only or (['infer', 'train', 'memory'] + ([] if args.quick else ['compile'])
+                             + (['train_compiled'] if args.device == 'cuda' and not args.quick else []))
     start = time.time()
     results = {}
     for s in sections: results.update(globals()[f'run_{s}'](args, cfg))
@@ -248,12 +265,13 @@ def main():
           f"{time.time() - start:.0f} s; command: python benchmarks/speed.py {' '.join(sys.argv[1:])}")
     img_s = args.device == 'cuda'
     for title, pick in (('Inference (eval)', 'infer b'), ('Training step (forward + backward + SGD)', 'train b'),
-                        ('Peak memory of a training step (MB)', 'train memory'), ('torch.compile', 'compiled')):
+                        ('Peak memory of a training step (MB)', 'train memory'), ('torch.compile', 'compiled infer'),
+                        ('torch.compile, training step', 'compiled train')):
         cols = [c for c in results if c.startswith(pick)]
         if not cols: continue
         models = list(dict.fromkeys(m for c in cols for m in results[c]))
         print(table(title, cols, results, models, img_s=img_s and 'memory' not in pick))
-        if pick == 'compiled':
+        if pick == 'compiled infer':
             for c in cols: print('\ngraph breaks: ' + ', '.join(f"{m} {s['graph_breaks']}" for m, s in results[c].items() if 'graph_breaks' in s))
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     name = f"speed-{args.device}{'-quick' if args.quick else ''}.json"

@@ -100,7 +100,8 @@ def _model_of(model_or_learner) -> nn.Module:
 def _example(model:nn.Module, size:int, batch:int=2) -> torch.Tensor:
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is None: raise ValueError("The model has no Conv2d: fuse_for_inference and export_onnx take image models.")
-    return torch.randn(batch, first.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, first.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    return x.to(first.weight.device, first.weight.dtype)
 
 @torch.no_grad()
 def fuse_for_inference(model_or_learner, channels_last:bool=True, check_size:int|None=64, atol:float=1e-4) -> nn.Module:
@@ -129,6 +130,7 @@ def _onnx_diff(path, model, xs) -> float:
 def export_onnx(model_or_learner, path, size:int=224, fuse:bool=True, opset:int=18, atol:float=1e-4) -> dict:
     "Export to ONNX (batch size dynamic), run it with onnxruntime and compare with PyTorch; dynamo exporter first, else the legacy one"
     model = _model_of(model_or_learner)
+    model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()  # onnxruntime compares on the CPU
     model = fuse_for_inference(model, channels_last=False, check_size=None) if fuse else copy.deepcopy(model).eval()
     path, x = Path(path), _example(model, size)
     checks, errors = [x, _example(model, size, batch=3)], []

@@ -14,7 +14,7 @@ def main(args) -> int:
         t = time.time()
         r = subprocess.run([sys.executable, '-m', 'pytest', str(f), '-q', '-p', 'no:cacheprovider', *args], capture_output=True, text=True)
         out = r.stdout + r.stderr
-        last = next((l for l in reversed(out.strip().splitlines()) if re.search(r'\d+ (passed|failed|error)', l)), '')
+        last = next((l for l in reversed(out.strip().splitlines()) if re.search(r'\d+ (passed|failed|skipped|error)', l)), '')
         counts = {k: int(n) for n, k in re.findall(r'(\d+) (passed|failed|skipped|error)', last)}
         counts['errors'] = counts.pop('error', 0)
         for k in totals: totals[k] += counts.get(k, 0)
@@ -22,8 +22,13 @@ def main(args) -> int:
             bad.append(str(f)); print(out[-6000:])
             if r.returncode not in (0, 1, 5) and not (counts.get('failed') or counts['errors']): totals['errors'] += 1  # killed, crashed
         print(f"{f}: {last.strip('= ') or f'exit status {r.returncode}'} ({time.time() - t:.0f} s)", flush=True)
-    print(f"{len(files)} files in {time.time() - start:.0f} s" + (f"; failing: {', '.join(bad)}" if bad else ''))
-    print(f"pytest: {totals['passed']} passed, {totals['failed'] + totals['errors']} failed, {totals['skipped']} skipped")
+    secs = time.time() - start
+    print(f"{len(files)} files in {secs:.0f} s" + (f"; failing: {', '.join(bad)}" if bad else ''))
+    # the summed counts, first as pytest closes a run, then as the plain 'N passed, N failed' line
+    parts = [f'{totals[k]} {k}' for k in ('failed', 'passed', 'skipped', 'errors') if totals[k]]
+    h, m = divmod(int(secs) // 60, 60)
+    print(f"{'=' * 20} {', '.join(parts) or 'no tests ran'} in {secs:.2f}s ({h}:{m:02d}:{int(secs) % 60:02d}) {'=' * 20}")
+    print(f"{totals['passed']} passed, {totals['failed'] + totals['errors']} failed, {totals['skipped']} skipped")
     return 1 if bad else 0
 
 if __name__ == '__main__': sys.exit(main(sys.argv[1:]))

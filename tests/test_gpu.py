@@ -1,0 +1,100 @@
+"On a CUDA GPU: the models, the fused paths, mixed precision and fastai training agree with the CPU. Skipped without one."
+import copy
+import pytest
+import torch
+from conftest import randomize_bn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (run on a machine with one)')
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    "TF32 convs and matmuls round to 10 bits: compare float32 against the CPU without them"
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+def _model(name='res2netplus50', **kw):
+    from res2netplus import models
+    torch.manual_seed(0)
+    return randomize_bn(getattr(models, name)(num_classes=10, **kw)).eval()
+
+@pytest.mark.parametrize('name', ['res2netplus50', 'res2net50d', 'res2netplus50_26w_8s'])
+def test_eval_float32_matches_cpu(name):
+    from res2netplus import models
+    if not hasattr(models, name): pytest.skip(f'no variant {name}')
+    m = _model(name)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(x)
+        out = copy.deepcopy(m).cuda()(x.cuda()).cpu()
+        cl = copy.deepcopy(m).cuda().to(memory_format=torch.channels_last)(x.cuda().contiguous(memory_format=torch.channels_last)).cpu()
+    assert (out - ref).abs().max() < 1e-3 and (cl - ref).abs().max() < 1e-3
+
+def test_training_step_matches_cpu():
+    "Train-mode forward, gradients and BatchNorm running statistics: CUDA float32 equals the CPU's fused path"
+    m = _model().train()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 3])
+    def step(model, dev):
+        model = model.to(dev)
+        loss = torch.nn.functional.cross_entropy(model(x.to(dev)), y.to(dev))
+        loss.backward()
+        return loss.item(), {k: p.grad.cpu() for k, p in model.named_parameters()}, {k: b.cpu() for k, b in model.named_buffers()}
+    l_cpu, g_cpu, b_cpu = step(copy.deepcopy(m), 'cpu')
+    l_gpu, g_gpu, b_gpu = step(copy.deepcopy(m), 'cuda')
+    assert abs(l_cpu - l_gpu) < 1e-4
+    for k in g_cpu: assert torch.allclose(g_gpu[k], g_cpu[k], atol=1e-4, rtol=1e-3), k
+    for k in b_cpu: assert torch.allclose(b_gpu[k].float(), b_cpu[k].float(), atol=1e-4, rtol=1e-4), k
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast_channels_last_close_to_float32(dtype):
+    m = _model().cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 96, 96, device='cuda').contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast('cuda', dtype=dtype): out = m(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+def test_fuse_for_inference_on_cuda():
+    from res2netplus.deploy import fuse_for_inference
+    m = _model().cuda()
+    fused = fuse_for_inference(m, channels_last=True, check_size=64)
+    x = torch.randn(4, 3, 80, 80, device='cuda')
+    with torch.no_grad(): assert (fused(x) - m(x)).abs().max() < 1e-4
+
+def train_vision_learner(image_folder, device:str):
+    "fastai with bf16 mixed precision on `device`: returns the learner, its batch losses and one prediction's probabilities"
+    from fastai.vision.all import ImageDataLoaders, vision_learner, accuracy
+    from res2netplus.models import res2netplus50
+    dls = ImageDataLoaders.from_folder(image_folder, valid='valid', bs=8, num_workers=0, seed=0, device=device)
+    torch.manual_seed(0)
+    learn = vision_learner(dls, res2netplus50, pretrained=False, metrics=accuracy).to_bf16()
+    learn.fit_one_cycle(6, 3e-3)
+    losses = [float(l) for l in learn.recorder.losses]  # before predict, which starts the recorder afresh
+    _, _, probs = learn.predict(dls.valid_ds.items[0])
+    return learn, losses, probs
+
+def test_vision_learner_trains_on_cuda_in_mixed_precision(image_folder):
+    "The loss falls, the model stays on the GPU, predictions come back on the CPU"
+    learn, losses, probs = train_vision_learner(image_folder, 'cuda')
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    assert next(learn.model.parameters()).is_cuda
+    assert probs.shape == (2,) and probs.device.type == 'cpu'
+
+def test_detector_trains_on_cuda():
+    from res2netplus.detection import fasterrcnn_res2net_fpn
+    torch.manual_seed(0)
+    model = fasterrcnn_res2net_fpn('res2netplus50', num_classes=3, min_size=128, max_size=128).cuda().train()
+    imgs = [torch.rand(3, 128, 128, device='cuda') for _ in range(2)]
+    targets = [dict(boxes=torch.tensor([[10., 20., 60., 90.]], device='cuda'), labels=torch.tensor([1], device='cuda'))] * 2
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        loss = sum(model(imgs, targets).values()); opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad(): out = model(imgs)
+    assert out[0]['boxes'].is_cuda and out[0]['boxes'].shape[1] == 4
+
