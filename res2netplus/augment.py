@@ -12,7 +12,7 @@ from fastai.vision.all import Callback, ItemTransform, NoneReduce, PILImage, PIL
 
 # %% auto #0
 __all__ = ['MIX_CALLBACKS', 'BOX_PARAMS', 'mixup_images', 'cutmix_boxes', 'cutmix_images', 'Mixer', 'MixUp', 'CutMix',
-           'MixUpCutMix', 'mix_callback', 'AlbumentationsTransform', 'res2netplus_augs']
+           'MixUpCutMix', 'mix_callback', 'ProcessSeeded', 'AlbumentationsTransform', 'res2netplus_augs']
 
 # %% ../nbs/04_augment.ipynb #0e0e315b
 def mixup_images(x, perm, lam):
@@ -132,21 +132,25 @@ def mix_callback(mix:str|None) -> Mixer|None:
 # %% ../nbs/04_augment.ipynb #8045eac1
 BOX_PARAMS = dict(format='pascal_voc', label_fields=['labels'], clip=True, filter_invalid_bboxes=True)
 
-class AlbumentationsTransform(ItemTransform):
+class ProcessSeeded:
+    """Mixin for an object holding an albumentations pipeline `self.augs`. albumentations draws from its own generator,
+    seeded from the OS: copied as-is into every forked data loader worker, and deaf to fastai's `set_seed`. `_seed()`
+    reseeds it once per process from numpy, which fastai seeds per worker, unless the user gave the pipeline a seed."""
+    _seeded_in, _user_seed = None, False
+
+    def _seed(self):
+        if self._seeded_in != os.getpid() and not self._user_seed:
+            self.augs.set_random_seed(int(np.random.randint(2**31)))
+        self._seeded_in = os.getpid()
+
+class AlbumentationsTransform(ProcessSeeded, ItemTransform):
     "Run an albumentations pipeline on the image, mask and boxes of an item (training set only when `split_idx=0`)"
     order = 0  # before PointScaler, so boxes are still in pixels
     def __init__(self, augs, split_idx:int|None=0):
         if isinstance(augs, (list, tuple)): augs = A.Compose(list(augs), bbox_params=A.BboxParams(**BOX_PARAMS))
         if not isinstance(augs, A.BaseCompose): raise TypeError(f"Pass an albumentations Compose or a list of albumentations transforms, not {type(augs).__name__}.")
         super().__init__(split_idx=split_idx)
-        self.augs, self._seeded_in, self._user_seed = augs, None, getattr(augs, 'seed', None) is not None
-
-    def _seed(self):
-        # albumentations draws from its own generator, seeded from the OS: copied as-is into every forked data loader
-        # worker, and deaf to fastai's `set_seed`. Reseed it once per process from numpy, which fastai seeds per worker.
-        if self._seeded_in != os.getpid() and not self._user_seed:
-            self.augs.set_random_seed(int(np.random.randint(2**31)))
-        self._seeded_in = os.getpid()
+        self.augs, self._user_seed = augs, getattr(augs, 'seed', None) is not None
 
     def encodes(self, item):
         self._seed()

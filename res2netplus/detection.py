@@ -5,7 +5,7 @@
 
 # %% ../nbs/07_detection.ipynb #3c9e5b84
 from __future__ import annotations
-import json, math, os, warnings, xml.etree.ElementTree as ET
+import json, math, warnings, xml.etree.ElementTree as ET
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -20,6 +20,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from .models import Res2Net, RES2NET_FACTORIES
 from .learner import _arch
+from .augment import ProcessSeeded
 from .distributed import in_data_parallel, sum_over_processes
 
 # %% auto #0
@@ -274,7 +275,7 @@ def boxes_from_masks(masks:np.ndarray) -> np.ndarray:
         if len(xs): boxes[i] = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
     return boxes
 
-class DetectionAugment:
+class DetectionAugment(ProcessSeeded):
     "Apply an albumentations pipeline (a list of transforms or a Compose with pascal_voc bbox_params) to an image, its boxes and masks"
     def __init__(self, augs):
         import albumentations as A
@@ -285,12 +286,10 @@ class DetectionAugment:
         if proc is None or proc.params.format != 'pascal_voc' or 'index' not in (proc.params.label_fields or []):
             raise ValueError(f"The Compose needs bbox_params=A.BboxParams(**{params}), so that boxes follow the image and dropped "
                              "boxes take their labels and masks with them; or pass a plain list of transforms.")
-        self.augs, self._seeded_in = augs, None
+        self.augs, self._user_seed = augs, getattr(augs, 'seed', None) is not None
 
     def __call__(self, image:np.ndarray, boxes:np.ndarray, labels:np.ndarray, iscrowd:np.ndarray, masks=None) -> tuple:
-        if getattr(self, '_seeded_in', None) != os.getpid():  # albumentations' own generator ignores fastai's seeds: draw it from numpy, per process
-            self.augs.set_random_seed(int(np.random.randint(2**31)))
-            self._seeded_in = os.getpid()
+        self._seed()
         args = dict(image=image, bboxes=boxes.reshape(-1, 4), labels=labels, index=np.arange(len(boxes)))
         if masks is not None and len(masks): args['masks'] = list(masks)
         res = self.augs(**args)
@@ -891,8 +890,7 @@ def train_detection(data=None, out='runs/detection', task:str='detect', arch:str
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from fastai.callback.progress import CSVLogger
-    from fastai.callback.schedule import SkipToEpoch
-    from res2netplus.learner import StopOnNaN, EpochSeed, RunCheckpoint, SaveBestWeights, _RecipeControl
+    from res2netplus.learner import StopOnNaN, SaveBestWeights, resumable_cbs
     from res2netplus.distributed import is_main_process, main_process_first, rank_distrib, alone
     from fastai.torch_core import set_seed
     from res2netplus.data import default_cache_dir
@@ -920,9 +918,8 @@ def train_detection(data=None, out='runs/detection', task:str='detect', arch:str
         first = learn.load_run_checkpoint(resume_from)[1]
         print(f"resuming {out} after epoch {resume_from['epoch']}")
     best = SaveBestWeights('best.safetensors', best=resume_from and resume_from['best'])
-    cbs = [_RecipeControl(), EpochSeed(seed), RunCheckpoint('checkpoint.pth', 0, run_info), best, *([SkipToEpoch(first)] if first else [])]
     start = time.time()
-    with learn.data_parallel(sync_bn): learn.fit_one_cycle(epochs, lr, cbs=cbs)
+    with learn.data_parallel(sync_bn): learn.fit_one_cycle(epochs, lr, cbs=resumable_cbs(0, first, seed, 'checkpoint.pth', run_info) + [best])
     seconds = round(time.time() - start, 1)
     if not is_main_process(): return dict(rank=rank_distrib())  # rank 0 evaluates and writes
     with alone():  # fastai would gather predictions from processes that have finished

@@ -15,11 +15,11 @@ from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntr
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from .models import RES2NET_FACTORIES, res2netplus50, variant_row, check_finite
-from .augment import Mixer, mix_callback, AlbumentationsTransform
+from .augment import Mixer, mix_callback, ProcessSeeded
 
 # %% auto #0
 __all__ = ['RECIPE', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput',
-           'SaveBestWeights', 'recipe_phases']
+           'SaveBestWeights', 'resumable_cbs', 'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)
@@ -77,7 +77,7 @@ class EpochSeed(Callback):
             dl.rng = random.Random(s + i)
             # albumentations pipelines (fastai's AlbumentationsTransform, a detection dataset's DetectionAugment) reseed from numpy at their next item
             for t in [*getattr(getattr(dl, 'after_item', None), 'fs', []), getattr(getattr(dl, 'dataset', None), 'augment', None)]:
-                if hasattr(t, '_seeded_in'): t._seeded_in = None
+                if isinstance(t, ProcessSeeded): t._seeded_in = None
 
 def _skipping(learn) -> bool: return getattr(learn, '_skipping_epoch', False)
 
@@ -171,6 +171,12 @@ class SaveBestWeights(TrackerCallback):
             safetensors.torch.save_file({k: v.contiguous() for k, v in _bare(self.learn.model).state_dict().items()}, self.path/self.fname)
         if self.new_best: self.best_epoch = self.epoch
 
+def resumable_cbs(phase:int=0, first:int=0, seed:int|None=None, checkpoint=None, run_info:dict|None=None) -> list:
+    "The callbacks of one reproducible, resumable fit: each epoch seeded from `seed`, saved to `checkpoint`, epochs before `first` skipped"
+    # fastai's SkipToEpoch directly: fastai 2.8.12's fit_flat_cos drops its start_epoch
+    return [_RecipeControl(), *([EpochSeed(seed, phase)] if seed is not None else []),
+            *([RunCheckpoint(checkpoint, phase, run_info)] if checkpoint else []), *([SkipToEpoch(first)] if first else [])]
+
 def recipe_phases(learn:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.) -> list:
     "The fits of `fit_recipe` as (epochs, lr, unfreeze first): a frozen (pretrained) body trains the head alone first"
     lr = lr or RECIPE['lr']
@@ -186,8 +192,6 @@ def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1
         if unfreeze: self.unfreeze()
         first = 0 if i > start[0] else start[1] if i == start[0] else n_epoch
         if first >= n_epoch: continue  # a phase the resumed run had finished
-        phase_cbs = [_RecipeControl(), *([EpochSeed(seed, i)] if seed is not None else []),
-                     *([RunCheckpoint(checkpoint, i, run_info)] if checkpoint else []), *([SkipToEpoch(first)] if first else []), *(cbs or [])]
-        fit(n_epoch, lr_i, cbs=phase_cbs)  # SkipToEpoch directly: fastai 2.8.12's fit_flat_cos drops its start_epoch
+        fit(n_epoch, lr_i, cbs=resumable_cbs(i, first, seed, checkpoint, run_info) + list(cbs or []))
         if getattr(self, '_fit_cancelled', False): break  # e.g. StopOnNaN: the next phase would start from broken weights
 

@@ -149,6 +149,17 @@ def test_augment_drops_objects_with_their_masks(tmp_path):
     torch.testing.assert_close(tf['boxes'][:, [2, 0]], 96 - full['boxes'][:, [0, 2]])
     with pytest.raises(ValueError, match='bbox_params'): DetectionAugment(A.Compose([A.HorizontalFlip()]))
 
+def test_augment_seeding(tmp_path):
+    "Unseeded pipelines draw from numpy (which fastai seeds per epoch and worker); a pipeline given its own seed keeps it"
+    path = make_detection_shapes(tmp_path/'s', n_images=2, size=64, seed=1)
+    records, classes, _ = coco_detection_items(path/'images', path/'annotations.json')
+    augs = lambda **kw: A.Compose([A.Affine(rotate=(-40, 40), p=1.)], bbox_params=A.BboxParams(format='pascal_voc', label_fields=['labels', 'index']), **kw)
+    def draw(np_seed, **kw):
+        np.random.seed(np_seed)
+        return DetectionDataset(records, classes, augment=augs(**kw))[0][0]
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+    assert torch.equal(draw(0, seed=7), draw(1, seed=7))
+
 def test_coco_errors(tmp_path):
     path = make_detection_shapes(tmp_path/'s', n_images=3, size=64, seed=0)
     bad = json.loads((path/'annotations.json').read_text()); bad['annotations'][0]['category_id'] = 99
