@@ -2,7 +2,7 @@
 torchvision's resnet50, in one interleaved run. Every figure is also given as a ratio against resnet50 from the same
 round, so that load on the machine affects all models alike; medians with min–max over the rounds.
 
-    python benchmarks/speed.py                       # CPU: inference, training, memory, torch.compile (~25 min on 2 idle cores)
+    python benchmarks/speed.py                       # CPU: inference, training, memory, torch.compile (~30 min on 2 idle cores)
     python benchmarks/speed.py --quick               # smoke run: small sizes, 2 rounds, no compile (< 2 min)
     python benchmarks/speed.py --only train memory   # some sections: infer, train, memory, compile, train_compiled
     python benchmarks/speed.py --device cuda         # GPU: AMP (bf16, else fp16), channels_last, bigger batches, img/s,
@@ -10,9 +10,13 @@ round, so that load on the machine affects all models alike; medians with min–
 
 Rows: `res2netplus50` runs the fused Mish + BatchNorm kernels (the default), `res2netplus50 (reference)` the same
 network on the straightforward modules (`fast_path('reference')`, the "before"), `res2netplus50 (deploy)` the
-output of `fuse_for_inference` (inference only). Peak training memory is measured in a fresh process per model: growth
-of the resident set (VmHWM after resetting it, glibc with a fixed mmap threshold) during one training step on a CPU,
-`torch.cuda.max_memory_allocated` on a GPU. Prints markdown tables and writes JSON to benchmarks/results/.
+output of `fuse_for_inference` (inference only; it stays channels_last, so its NCHW row is NCHW input). Peak training
+memory is measured in a fresh process per model: growth of the resident set (VmHWM after resetting it, glibc with a
+fixed mmap threshold) on a CPU, `torch.cuda.max_memory_allocated` on a GPU, during the model's first training step
+(gradients and optimizer state are allocated in it, the CPU baseline's method) and during a later step (activations
+and gradients only, the stricter figure). The kernels are compiled beforehand on a copy, so compiling is not counted.
+The compile section freezes the weights (`options={'freezing': True}`) as a deployed model would, and also gives its
+figures against eager resnet50. Prints markdown tables and writes JSON to benchmarks/results/.
 """
 import argparse, json, os, platform, statistics, subprocess, sys, time, warnings
 from pathlib import Path
@@ -60,9 +64,9 @@ class Runner:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, 1000, (bs,), device=device)
-        if name.endswith('(deploy)'):
-            model = fuse_for_inference(model, channels_last=True, check_size=None)
-        model = model.to(device).to(memory_format=fmt)
+        if name.endswith('(deploy)'):  # the deployment form stays channels_last, whatever layout its input has
+            model = fuse_for_inference(model.to(device), channels_last=True, check_size=None)
+        else: model = model.to(device).to(memory_format=fmt)
         self.model, self.kind = model, kind
         if kind == 'train':
             model.train()
@@ -157,52 +161,68 @@ def _hwm_kb():
     with open('/proc/self/status') as f:
         return next(int(l.split()[1]) for l in f if l.startswith('VmHWM'))
 
+def _peak_growth_mb(device, step):
+    "Peak memory growth (MB) while `step()` runs: resident set on a CPU (VmHWM reset first), allocator peak on a GPU"
+    import torch
+    if device == 'cuda':
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
+        step(); torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _rss_kb()
+    try:
+        with open('/proc/self/clear_refs', 'w') as f: f.write('5')  # reset VmHWM to the current RSS
+        step(); return (_hwm_kb() - before) / 1024
+    except OSError:
+        import resource
+        step(); return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
 def memory_child(args):
-    "Run in a fresh process: peak memory growth (MB) of one training step of one model"
-    import gc, torch
+    """Run in a fresh process: peak memory growth (MB) of one model's first training step (gradients and optimizer
+    state are allocated in it, as in the CPU baseline's method) and of a later step (activations only: the stricter)"""
+    import copy, gc, torch
     torch.set_num_threads(args.threads)
     bs, size = map(int, args.memory_child[1:])
     amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
     r = Runner(args.memory_child[0], 'train', bs, size, args.device, args.device == 'cuda', amp)
-    r.step(); r.step()  # allocate optimizer state, compile kernels, warm the allocator
+    warm = copy.copy(r)  # compile the kernels and warm the allocator on a copy at a small size: not part of the step
+    warm.model = copy.deepcopy(r.model)
+    warm.opt = torch.optim.SGD(warm.model.parameters(), lr=1e-3, momentum=0.9)
+    warm.x, warm.y = r.x[:2, :, :64, :64].clone(), r.y[:2]
+    warm.step(); warm.step()
+    del warm; gc.collect()
+    first = _peak_growth_mb(args.device, r.step)
+    r.step()
     r.opt.zero_grad(set_to_none=True); gc.collect()
-    if args.device == 'cuda':
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); before = torch.cuda.memory_allocated()
-        r.step(); torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        before = _rss_kb()
-        try:
-            with open('/proc/self/clear_refs', 'w') as f: f.write('5')  # reset VmHWM to the current RSS
-            r.step(); peak = (_hwm_kb() - before) / 1024
-        except OSError:
-            import resource
-            r.step(); peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(json.dumps(dict(model=r.name, peak_mb=peak)))
+    later = _peak_growth_mb(args.device, r.step)
+    print(json.dumps(dict(model=r.name, peak_mb=later, first_step_mb=first)))
 
 def run_memory(args, cfg):
     bs, size = cfg['memory']
-    col = f'train memory b{bs}@{size}'
-    print(f'{col} …', file=sys.stderr, flush=True)
+    cols = {'peak_mb': f'train memory b{bs}@{size}', 'first_step_mb': f'train memory b{bs}@{size}, first step'}
+    print(f"{cols['peak_mb']} …", file=sys.stderr, flush=True)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
     amp = {None: 'none'}.get(cfg['amp'], 'bf16' if 'bfloat' in str(cfg['amp']) else 'fp16')
-    peaks = {m: [] for m in TRAIN_MODELS}
-    for k in range(1 if args.quick or args.device == 'cuda' else 3):  # the CUDA allocator's peak does not vary
+    peaks = {k: {m: [] for m in TRAIN_MODELS} for k in cols}
+    for _ in range(1 if args.quick or args.device == 'cuda' else 3):  # the CUDA allocator's peak does not vary
         for m in TRAIN_MODELS:
             cmd = [sys.executable, __file__, '--device', args.device, '--threads', str(args.threads), '--amp', amp,
                    '--memory-child', m, str(bs), str(size)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode: sys.exit(f'memory run of {m} failed:\n{out.stderr[-2000:]}')
-            peaks[m].append(json.loads(out.stdout.strip().splitlines()[-1])['peak_mb'])
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            for k in cols: peaks[k][m].append(got[k])
     res = {}
-    for m, ps in peaks.items():
-        ratios = [p / b for p, b in zip(ps, peaks[BASE])]
-        res[m] = dict(ms=statistics.median(ps), ms_min=min(ps), ms_max=max(ps), ratio=statistics.median(ratios),
-                      ratio_min=min(ratios), ratio_max=max(ratios), img_s=float('nan'))
-    return {col: res}
+    for k, col in cols.items():
+        res[col] = {}
+        for m, ps in peaks[k].items():
+            ratios = [p / b for p, b in zip(ps, peaks[k][BASE])]
+            res[col][m] = dict(ms=statistics.median(ps), ms_min=min(ps), ms_max=max(ps), ratio=statistics.median(ratios),
+                               ratio_min=min(ratios), ratio_max=max(ratios), img_s=float('nan'))
+    return res
 
 def run_compile(args, cfg):
-    "torch.compile (inductor, default mode) of the inference models, channels_last, and their graph breaks"
+    """torch.compile (inductor, with `freezing`: weights are constants, as a deployed model's are) of the inference models,
+    channels_last, their graph breaks, and every figure also against eager resnet50 (NCHW and channels_last)"""
     import torch
     bs, size = cfg['infer']
     col = f'compiled infer b{bs}@{size} channels_last'
@@ -213,13 +233,19 @@ def run_compile(args, cfg):
         r = Runner(m, 'infer', bs, size, args.device, True, cfg['amp'])
         with torch.no_grad(): breaks[m] = torch._dynamo.explain(r.model)(r.x).graph_break_count
         torch._dynamo.reset()
-        r.model = torch.compile(r.model)
+        r.model = torch.compile(r.model, options={'freezing': True})
         runners.append(r)
-    eager = Runner('resnet50', 'infer', bs, size, args.device, False, cfg['amp'])
-    eager.name = 'resnet50 eager NCHW'
-    times = interleaved(runners + [eager], cfg['rounds'], cfg['iters'] + 2, warmup=1)
+    eagers = []
+    for cl in (False, True):
+        r = Runner('resnet50', 'infer', bs, size, args.device, cl, cfg['amp'])
+        r.name = f"resnet50 eager {'channels_last' if cl else 'NCHW'}"
+        eagers.append(r)
+    times = interleaved(runners + eagers, cfg['rounds'], cfg['iters'] + 2, warmup=1)
     res = summarize(times, bs)
-    for m in names: res[m]['graph_breaks'] = breaks[m]
+    for m in names:
+        res[m]['graph_breaks'] = breaks[m]
+        for e in eagers:
+            res[m][f'ratio vs {e.name}'] = statistics.median(t / b for t, b in zip(times[m], times[e.name]))
     return {col: res}
 
 def run_train_compiled(args, cfg):
@@ -272,7 +298,11 @@ def main():
         models = list(dict.fromkeys(m for c in cols for m in results[c]))
         print(table(title, cols, results, models, img_s=img_s and 'memory' not in pick))
         if pick == 'compiled infer':
-            for c in cols: print('\ngraph breaks: ' + ', '.join(f"{m} {s['graph_breaks']}" for m, s in results[c].items() if 'graph_breaks' in s))
+            for c in cols:
+                compiled = {m: s for m, s in results[c].items() if 'graph_breaks' in s}
+                print('\ngraph breaks: ' + ', '.join(f"{m} {s['graph_breaks']}" for m, s in compiled.items()))
+                for e in ('NCHW', 'channels_last'):
+                    print(f'compiled, against eager resnet50 {e}: ' + ', '.join(f"{m} {s[f'ratio vs resnet50 eager {e}']:.2f}×" for m, s in compiled.items()))
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     name = f"speed-{args.device}{'-quick' if args.quick else ''}.json"
     (out/name).write_text(json.dumps(dict(device=dev, torch=torch.__version__, results=results), indent=1))

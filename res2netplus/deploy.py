@@ -53,6 +53,10 @@ def _last(m:nn.Module) -> nn.Module:
 
 _PASS_THROUGH = (nn.Dropout, nn.Identity)  # identities at evaluation
 
+def _folded(bn:nn.Module) -> nn.Identity:
+    "What stays where `bn` was folded: an `nn.Identity` in `bn`'s train/eval mode"
+    return nn.Identity().train(bn.training)
+
 # %% ../nbs/08_deploy.ipynb #d8e0a006
 def _fold_sequential(seq:nn.Sequential) -> int:
     "Fold every conv → BN and BN → (Dropout) → Linear pair among `seq`'s children; returns the number folded"
@@ -60,14 +64,14 @@ def _fold_sequential(seq:nn.Sequential) -> int:
     for i, name in enumerate(names[:-1]):
         prev, bn = _last(seq._modules[name]), seq._modules[names[i + 1]]
         if isinstance(prev, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _foldable(bn):
-            fold_bn_into_conv(prev, bn); seq._modules[names[i + 1]] = nn.Identity(); n += 1
+            fold_bn_into_conv(prev, bn); seq._modules[names[i + 1]] = _folded(bn); n += 1
     for i, name in enumerate(names):
         bn = seq._modules[name]
         if not (isinstance(bn, nn.BatchNorm1d) and _foldable(bn)): continue
         j = i + 1
         while j < len(names) and isinstance(seq._modules[names[j]], _PASS_THROUGH): j += 1
         if j < len(names) and isinstance(seq._modules[names[j]], nn.Linear):
-            fold_bn_into_next(bn, seq._modules[names[j]]); seq._modules[name] = nn.Identity(); n += 1
+            fold_bn_into_next(bn, seq._modules[names[j]]); seq._modules[name] = _folded(bn); n += 1
     return n
 
 def _fold_block(b:Bottle2neck) -> int:
@@ -75,11 +79,11 @@ def _fold_block(b:Bottle2neck) -> int:
     if b.bn_1st:
         for conv, name in [(b.conv1, 'bn1')] + [(c, i) for i, c in enumerate(b.convs)]:
             bns, key = (b, name) if name == 'bn1' else (b.bns, str(name))
-            if _foldable(bns._modules[key]): fold_bn_into_conv(conv, bns._modules[key]); bns._modules[key] = nn.Identity(); n += 1
+            if _foldable(bns._modules[key]): fold_bn_into_conv(conv, bns._modules[key]); bns._modules[key] = _folded(bns._modules[key]); n += 1
     elif _foldable(b.bns[-1]):  # the last split's act → BN feeds only conv3 (1×1, no padding)
         fold_bn_into_next(b.bns[-1], b.conv3, start=(len(b.convs) - 1) * b.width)
-        b.bns[-1] = nn.Identity(); n += 1
-    if _foldable(b.bn3): fold_bn_into_conv(b.conv3, b.bn3); b.bn3 = nn.Identity(); n += 1
+        b.bns[-1] = _folded(b.bns[-1]); n += 1
+    if _foldable(b.bn3): fold_bn_into_conv(b.conv3, b.bn3); b.bn3 = _folded(b.bn3); n += 1
     return n
 
 def fold_batchnorms(model:nn.Module) -> int:

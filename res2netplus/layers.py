@@ -209,10 +209,17 @@ def fast_path(path:str):
     try: yield
     finally: set_fast_path(old)
 
-def _tracing() -> bool:
-    "Under torch.compile, torch.export, ONNX export or jit tracing the plain ops are traced (and fused by the compiler)"
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
+def _exporting() -> bool:
+    "Under torch.export, ONNX export or jit tracing the modules' own ops are traced, so an exported graph holds `Mish` nodes"
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+def _compiling() -> bool:
+    "Under torch.compile (not export) plain ops are traced and the compiler fuses them"
+    return torch.compiler.is_compiling() and not _exporting()
+
+def _mish(y:torch.Tensor) -> torch.Tensor:
+    "Mish as the fused kernels compute it, from one `exp`: what `torch.compile` gets to fuse (its own `F.mish` is exp, log1p and tanh)"
+    return y * _mish_tsp(y)[0]
 
 def _run_compiled(name, *args):
     "Run the inductor kernel `name`, or return None (and warn once) where this machine cannot compile it"
@@ -232,10 +239,11 @@ def _hooked(*mods) -> bool:
     return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in mods)
 
 def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
-    if _fast['path'] == 'reference' or _tracing() or not isinstance(act, nn.Mish) or y.dim() != 4: return 'reference'
+    if _fast['path'] == 'reference' or _exporting() or not isinstance(act, nn.Mish) or y.dim() != 4: return 'reference'
     # measured and tested on CPU float32; mixed precision (autocast, fp16/bf16 tensors) and GPUs keep PyTorch's own modules
     if y.device.type != 'cpu' or y.dtype != torch.float32 or torch.is_autocast_enabled(y.device.type): return 'reference'
     if _hooked(act, norm): return 'reference'  # forward hooks (fastai's ActivationStats, say) see every module run
+    if _compiling(): return 'formula'
     if isinstance(norm, nn.BatchNorm2d) and not norm.affine: return 'reference'
     if not isinstance(norm, (nn.BatchNorm2d, nn.Identity)): return 'reference'
     compiled = _fast['path'] == 'compiled' and y.device.type == 'cpu' and y.dtype == torch.float32 and _fast['failed'] is None
@@ -259,8 +267,10 @@ def _eval_affine(norm:nn.Module, like:torch.Tensor):
     return scale, norm.bias - norm.running_mean * scale
 
 def _inference(y, norm) -> bool:
+    "No gradient is needed and `norm` is an eval-mode BatchNorm with running statistics, or a folded BN's Identity (in any mode)"
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in norm.parameters()))
-    return not needs_grad and not norm.training and getattr(norm, 'running_mean', 0) is not None
+    if isinstance(norm, nn.Identity): return not needs_grad
+    return not needs_grad and not norm.training and norm.running_mean is not None
 
 def _fmt(t): return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
 
@@ -317,6 +327,7 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
     "`norm(act(y))`; Mish + BatchNorm2d (or a folded Identity) run fused and memory-lean unless `fast_path('reference')`"
     path = _path(y, act, norm)
     if path == 'reference': return norm(act(y))
+    if path == 'formula': return norm(_mish(y))
     if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
     if path == 'compiled' and _inference(y, norm):
@@ -327,6 +338,7 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
 def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, drop_path:nn.Module|None=None) -> torch.Tensor:
     "`act(drop_path(norm(c)) + r)`, the end of a residual block; fused for Mish like `act_norm` when nothing is dropped"
     path = _path(c, act, norm)
+    if path == 'formula': c = norm(c); return _mish((c if drop_path is None else drop_path(c)) + r)
     dropping = drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training
     if path != 'reference' and not dropping and not _hooked(drop_path) and c.shape == r.shape:
         if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:
