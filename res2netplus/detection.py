@@ -21,7 +21,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from .models import Res2Net, RES2NET_FACTORIES
 from .learner import _arch
 from .augment import ProcessSeeded
-from .distributed import in_data_parallel, sum_over_processes
+from .distributed import in_data_parallel, n_real_items, sum_over_processes
 
 # %% auto #0
 __all__ = ['NORMS', 'RCNN_REFERENCE', 'DETECTORS', 'COCO_STATS', 'IOU_TYPES', 'DETECTION_SHAPES', 'frozen_batchnorm',
@@ -701,10 +701,12 @@ class DetectionLoss:
 class LossPart(Metric):
     "The validation mean of one part of the detector's loss dict"
     def __init__(self, part:str): self.part = part
-    def reset(self): self.total, self.count, self.shared = 0., 0, False
+    def reset(self): self.total, self.count, self.shared, self.seen = 0., 0, False, 0
     def accumulate(self, learn):
-        v = getattr(learn.loss_func, 'parts', {}).get(self.part)
-        if v is not None: n = len(learn.xb[0]); self.total += float(v) * n; self.count += n
+        v, bs = getattr(learn.loss_func, 'parts', {}).get(self.part), len(learn.xb[0])
+        n = n_real_items(learn, self.seen, bs)  # a data-parallel epoch's padding repeats images: weigh each once
+        self.seen += bs
+        if v is not None: self.total += float(v) * n; self.count += n
         self.shared = in_data_parallel(learn)
     @property
     def value(self):

@@ -14,8 +14,8 @@ from fastai.torch_core import num_distrib, rank_distrib
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['is_main_process', 'process_group_device', 'in_data_parallel', 'sum_over_processes', 'alone', 'main_process_first',
-           'ProcessGroupDL', 'DataParallelTrainer']
+__all__ = ['is_main_process', 'process_group_device', 'in_data_parallel', 'n_real_items', 'sum_over_processes', 'alone',
+           'main_process_first', 'ProcessGroupDL', 'DataParallelTrainer']
 
 # %% ../nbs/08b_distributed.ipynb #a8b00005
 def is_main_process() -> bool:
@@ -33,6 +33,13 @@ def _accelerator_kwargs(kwargs:dict) -> dict:
 def in_data_parallel(learn) -> bool:
     "Whether `learn` is running its share of a data-parallel epoch: a metric's own sums must then be combined over the processes"
     return isinstance(getattr(learn, 'dl', None), DistributedDL)
+
+def n_real_items(learn, seen:int, bs:int) -> int:
+    "How many of the `bs` items after the first `seen` of this process's share of the epoch are real, not padding"
+    dl = getattr(learn, 'dl', None)  # fastai's DistributedDL pads the last shares with repeats of the epoch's first items
+    if not isinstance(dl, DistributedDL) or not hasattr(dl, 'n_padded'): return bs
+    start = dl.rank * dl.n_padded // dl.world_size + seen  # where the batch starts in the padded epoch
+    return max(0, min(bs, dl.n - start))
 
 def sum_over_processes(t:torch.Tensor) -> torch.Tensor:
     "`t` summed over the processes of the group (a new tensor; `t` is left as it is)"

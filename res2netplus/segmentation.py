@@ -21,7 +21,7 @@ from fastai.vision.learner import create_body, model_meta, _add_norm, _default_m
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
 from .learner import RECIPE, _arch, _with_mixer, _accelerate
-from .distributed import in_data_parallel, sum_over_processes
+from .distributed import in_data_parallel, n_real_items, sum_over_processes
 
 # %% auto #0
 __all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead', 'FPNSegmentation',
@@ -161,10 +161,12 @@ class SegmentationLoss(nn.Module):
 class ConfusionMetric(Metric):
     "Accumulate a confusion matrix over the validation set (targets × predictions), skipping `ignore_index`"
     def __init__(self, ignore_index:int|None=255, axis:int=1): self.ignore_index, self.axis = ignore_index, axis
-    def reset(self): self.cm, self.shared = None, False
+    def reset(self): self.cm, self.shared, self.seen = None, False, 0
     def accumulate(self, learn):
-        n = learn.pred.shape[self.axis]
-        pred, targ = learn.pred.argmax(dim=self.axis).flatten(), torch.as_tensor(learn.y).flatten().long()
+        n, bs = learn.pred.shape[self.axis], len(learn.pred)
+        real = n_real_items(learn, self.seen, bs)  # a data-parallel epoch's padding repeats items: count each once
+        self.seen += bs
+        pred, targ = learn.pred[:real].argmax(dim=self.axis).flatten(), torch.as_tensor(learn.y)[:real].flatten().long()
         keep = (targ >= 0) & (targ < n)
         if self.ignore_index is not None: keep &= targ != self.ignore_index
         cm = torch.bincount(targ[keep]*n + pred[keep], minlength=n*n).view(n, n).cpu().double()

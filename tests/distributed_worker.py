@@ -30,7 +30,7 @@ class NaNOnRank1(Callback):
     def after_loss(self):
         if self.training and rank == 1 and self.iter == 1: self.learn.loss_grad = self.learn.loss_grad * float('nan'); self.learn.loss = self.learn.loss_grad.clone()
 
-seen = Seen()
+seen, extra = Seen(), {}
 if task in ('classify', 'nan'):
     dls = ImageDataLoaders.from_folder(data, valid='valid', bs=4, num_workers=0, seed=0, item_tfms=Resize(64))
     learn = res2netplus_learner(dls, mix='cutmix', path=run_dir, model_dir='.', cbs=CSVLogger())
@@ -40,9 +40,13 @@ elif task == 'segment':
     from res2netplus.segmentation import res2netplus_seg_learner
     with main_process_first(): path = make_shapes(out/'shapes', n_images=16, size=64, seed=1)
     dls = DataBlock((ImageBlock, MaskBlock(read_codes(path/'codes.txt'))), get_items=image_files, get_y=MaskFromImage(path/'masks'),
-                    splitter=RandomSplitter(0.25, seed=0)).dataloaders(path/'images', bs=3, num_workers=0)
+                    splitter=RandomSplitter(0.2, seed=0)).dataloaders(path/'images', bs=3, num_workers=0)
     learn = res2netplus_seg_learner(dls, 'res2netplus50', head='fpn', mix='mixup', path=run_dir, model_dir='.', cbs=CSVLogger())
     with learn.data_parallel(): learn.fit_recipe(1, 1e-3, seed=0, checkpoint='checkpoint.pth', cbs=[SaveBestWeights(), seen])
+    from res2netplus.distributed import alone
+    extra['last_epoch'] = list(map(float, learn.recorder.values[-1]))  # before validate(), which rewrites the record
+    learn.remove_cb(CSVLogger)  # the validation below is no epoch of the run: nothing to log
+    with alone(): extra['alone'] = list(map(float, learn.validate()))  # 3 validation images: DDP padded them to 4
 elif task == 'detect':
     from res2netplus.detection import make_detection_shapes, detection_dataloaders_from_folder, res2netplus_det_learner
     with main_process_first(): path = make_detection_shapes(out/'shapes', n_images=10, size=64, seed=0)
@@ -52,4 +56,4 @@ elif task == 'detect':
 else: raise SystemExit(f'unknown task {task}')
 
 torch.save(dict(state=learn.model.state_dict(), batches=seen.batches, values=[list(map(float, v)) for v in learn.recorder.values],
-                nan_at=getattr(learn, 'nan_at', None), n_train=len(learn.dls.train_ds)), out/f'rank{rank}.pt')
+                nan_at=getattr(learn, 'nan_at', None), n_train=len(learn.dls.train_ds), n_valid=len(learn.dls.valid_ds), **extra), out/f'rank{rank}.pt')
