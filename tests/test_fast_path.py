@@ -139,3 +139,13 @@ def test_under_torch_compile_mish_is_the_one_exp_formula(train):
     got = dict(out=out.detach(), grad_x=xx.grad, **{f'grad {n}': p.grad for n, p in model.named_parameters()},
                **{f'buffer {n}': b.float() for n, b in model.named_buffers()})
     assert_same(got, run(block, x, 'reference', train=train), atol=2e-5)  # inductor reorders the sums: gradients near 0 are rounding noise
+
+def test_a_folded_batchnorms_identity_runs_fused_in_either_mode(monkeypatch):
+    "A BatchNorm folded away by hand leaves an Identity in whatever mode: without gradients Mish still runs fused"
+    calls = []
+    monkeypatch.setattr(nn.Mish, 'forward', lambda self, x: calls.append(1) or torch.nn.functional.mish(x))
+    y = torch.randn(2, 8, 5, 5)
+    for training in (True, False):
+        with torch.no_grad(), fast_path('compiled'): out = layers.act_norm(nn.Mish(), nn.Identity().train(training), y)
+        if layers._fast['failed'] is not None: pytest.skip(f"this machine cannot compile the fused kernels: {layers._fast['failed']}")
+        assert calls == [] and (out - torch.nn.functional.mish(y)).abs().max() <= 1e-6
