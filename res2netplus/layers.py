@@ -213,10 +213,6 @@ def _exporting() -> bool:
     "Under torch.export, ONNX export or jit tracing the modules' own ops are traced, so an exported graph holds `Mish` nodes"
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
-def _compiling() -> bool:
-    "Under torch.compile (not export) plain ops are traced and the compiler fuses them"
-    return torch.compiler.is_compiling() and not _exporting()
-
 def _mish(y:torch.Tensor) -> torch.Tensor:
     "Mish as the fused kernels compute it, from one `exp`: what `torch.compile` gets to fuse (its own `F.mish` is exp, log1p and tanh)"
     return y * _mish_tsp(y)[0]
@@ -243,11 +239,10 @@ def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
     # measured and tested on CPU float32; mixed precision (autocast, fp16/bf16 tensors) and GPUs keep PyTorch's own modules
     if y.device.type != 'cpu' or y.dtype != torch.float32 or torch.is_autocast_enabled(y.device.type): return 'reference'
     if _hooked(act, norm): return 'reference'  # forward hooks (fastai's ActivationStats, say) see every module run
-    if _compiling(): return 'formula'
+    if torch.compiler.is_compiling(): return 'formula'  # torch.compile, not export: plain ops the compiler fuses
     if isinstance(norm, nn.BatchNorm2d) and not norm.affine: return 'reference'
     if not isinstance(norm, (nn.BatchNorm2d, nn.Identity)): return 'reference'
-    compiled = _fast['path'] == 'compiled' and y.device.type == 'cpu' and y.dtype == torch.float32 and _fast['failed'] is None
-    return 'compiled' if compiled else 'aten'
+    return 'compiled' if _fast['path'] == 'compiled' and _fast['failed'] is None else 'aten'
 
 def _momentum(bn:nn.BatchNorm2d) -> float:
     "nn.BatchNorm2d's own bookkeeping: count the batch, return the running-average factor"
@@ -271,6 +266,10 @@ def _inference(y, norm) -> bool:
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in norm.parameters()))
     if isinstance(norm, nn.Identity): return not needs_grad
     return not needs_grad and not norm.training and norm.running_mean is not None
+
+def _act(path:str, act:nn.Module):
+    "The activation the unfused paths run: the module itself, or under torch.compile Mish's one-`exp` formula"
+    return _mish if path == 'formula' else act
 
 def _fmt(t): return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
 
@@ -326,8 +325,7 @@ class BatchNormAddMish(torch.autograd.Function):
 def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
     "`norm(act(y))`; Mish + BatchNorm2d (or a folded Identity) run fused and memory-lean unless `fast_path('reference')`"
     path = _path(y, act, norm)
-    if path == 'reference': return norm(act(y))
-    if path == 'formula': return norm(_mish(y))
+    if path in ('reference', 'formula'): return norm(_act(path, act)(y))
     if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
     if path == 'compiled' and _inference(y, norm):
@@ -338,16 +336,15 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
 def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, drop_path:nn.Module|None=None) -> torch.Tensor:
     "`act(drop_path(norm(c)) + r)`, the end of a residual block; fused for Mish like `act_norm` when nothing is dropped"
     path = _path(c, act, norm)
-    if path == 'formula': c = norm(c); return _mish((c if drop_path is None else drop_path(c)) + r)
     dropping = drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training
-    if path != 'reference' and not dropping and not _hooked(drop_path) and c.shape == r.shape:
+    if path in ('compiled', 'aten') and not dropping and not _hooked(drop_path) and c.shape == r.shape:
         if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:
             return BatchNormAddMish.apply(c, r, norm.weight, norm.bias, norm, path == 'compiled')
         if path == 'compiled' and _inference(c, norm) and not r.requires_grad:
             res = _run_compiled('affine_add_mish', c, *_eval_affine(norm, c), r.contiguous(memory_format=_fmt(c)))
             if res is not None: return res
     c = norm(c)
-    return act((c if drop_path is None else drop_path(c)) + r)
+    return _act(path, act)((c if drop_path is None else drop_path(c)) + r)
 
 class ConvActNorm(ConvLayer):
     "fastai's `ConvLayer` (same layers, same keys) whose conv → Mish → BatchNorm runs through `act_norm`"

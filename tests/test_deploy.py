@@ -89,5 +89,12 @@ def test_compile_has_no_graph_breaks(plus):
         assert torch._dynamo.explain(f)(x).graph_break_count == 0
         assert torch._dynamo.explain(plus)(x).graph_break_count == 0
 
+def test_compiled_deployment_form_with_frozen_weights(plus):
+    "The README's fastest CPU inference, torch.compile(fuse_for_inference(m), options={'freezing': True}), equals the model"
+    torch._dynamo.reset()
+    fast = torch.compile(fuse_for_inference(plus), options={'freezing': True})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert (fast(x) - plus(x)).abs().max() <= 1e-4
+
 def test_bad_input_says_what_is_expected():
     with pytest.raises(ValueError, match='nn.Module or a fastai Learner'): fuse_for_inference('res2netplus50')
