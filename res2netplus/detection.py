@@ -21,7 +21,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from .models import Res2Net, RES2NET_FACTORIES
 from .learner import _arch
 from .augment import ProcessSeeded
-from .distributed import in_data_parallel, n_real_items, sum_over_processes
+from .distributed import in_data_parallel, ProcessShare
 
 # %% auto #0
 __all__ = ['NORMS', 'RCNN_REFERENCE', 'DETECTORS', 'COCO_STATS', 'IOU_TYPES', 'DETECTION_SHAPES', 'frozen_batchnorm',
@@ -698,21 +698,17 @@ class DetectionLoss:
         return sum(self.weights.get(k, 1.) * v for k, v in losses.items())
     def __repr__(self): return f"DetectionLoss({self.weights})"
 
-class LossPart(Metric):
+class LossPart(ProcessShare, Metric):
     "The validation mean of one part of the detector's loss dict"
     def __init__(self, part:str): self.part = part
-    def reset(self): self.total, self.count, self.shared, self.seen = 0., 0, False, 0
+    def reset(self): self.total, self.count = 0., 0; self.reset_share()
     def accumulate(self, learn):
-        v, bs = getattr(learn.loss_func, 'parts', {}).get(self.part), len(learn.xb[0])
-        n = n_real_items(learn, self.seen, bs)  # a data-parallel epoch's padding repeats images: weigh each once
-        self.seen += bs
+        v, n = getattr(learn.loss_func, 'parts', {}).get(self.part), self.take(learn, len(learn.xb[0]))
         if v is not None: self.total += float(v) * n; self.count += n
-        self.shared = in_data_parallel(learn)
     @property
     def value(self):
-        if self.shared:  # sum over the processes of a data-parallel validation
-            t = sum_over_processes(torch.tensor([self.total, self.count], dtype=torch.float64))
-            self.total, self.count, self.shared = float(t[0]), int(t[1]), False
+        t = self.summed(torch.tensor([self.total, self.count], dtype=torch.float64))
+        self.total, self.count = float(t[0]), int(t[1])
         return self.total / self.count if self.count else None
     @property
     def name(self): return self.part

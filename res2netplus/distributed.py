@@ -14,8 +14,8 @@ from fastai.torch_core import num_distrib, rank_distrib
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['is_main_process', 'process_group_device', 'in_data_parallel', 'n_real_items', 'sum_over_processes', 'alone',
-           'main_process_first', 'ProcessGroupDL', 'DataParallelTrainer']
+__all__ = ['is_main_process', 'process_group_device', 'in_data_parallel', 'n_real_items', 'sum_over_processes', 'ProcessShare',
+           'alone', 'main_process_first', 'ProcessGroupDL', 'DataParallelTrainer']
 
 # %% ../nbs/08b_distributed.ipynb #a8b00005
 def is_main_process() -> bool:
@@ -46,6 +46,20 @@ def sum_over_processes(t:torch.Tensor) -> torch.Tensor:
     t = t.detach().to(process_group_device(), copy=True)
     torch.distributed.all_reduce(t)
     return t.cpu()
+
+class ProcessShare:
+    "Mixin for a metric that keeps its own sums: in a data-parallel validation each item counts once, and the processes' sums are added"
+    def reset_share(self): self.seen, self.shared = 0, False
+    def take(self, learn, bs:int) -> int:
+        "How many leading items of the current `bs`-item batch to count"
+        real = n_real_items(learn, self.seen, bs)
+        self.seen, self.shared = self.seen + bs, in_data_parallel(learn)
+        return real
+    def summed(self, t:torch.Tensor) -> torch.Tensor:
+        "`t` summed over the processes after a data-parallel validation (once: every process asks at the same point), else `t`"
+        if not self.shared: return t
+        self.shared = False
+        return sum_over_processes(t)
 
 @contextmanager
 def alone():

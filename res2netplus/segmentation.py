@@ -21,7 +21,7 @@ from fastai.vision.learner import create_body, model_meta, _add_norm, _default_m
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
 from .learner import RECIPE, _arch, _with_mixer, _accelerate
-from .distributed import in_data_parallel, n_real_items, sum_over_processes
+from .distributed import ProcessShare
 
 # %% auto #0
 __all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead', 'FPNSegmentation',
@@ -158,26 +158,23 @@ class SegmentationLoss(nn.Module):
     def decodes(self, x): return x.argmax(dim=1)
 
 # %% ../nbs/06_segmentation.ipynb #390bd145
-class ConfusionMetric(Metric):
+class ConfusionMetric(ProcessShare, Metric):
     "Accumulate a confusion matrix over the validation set (targets × predictions), skipping `ignore_index`"
     def __init__(self, ignore_index:int|None=255, axis:int=1): self.ignore_index, self.axis = ignore_index, axis
-    def reset(self): self.cm, self.shared, self.seen = None, False, 0
+    def reset(self): self.cm = None; self.reset_share()
     def accumulate(self, learn):
-        n, bs = learn.pred.shape[self.axis], len(learn.pred)
-        real = n_real_items(learn, self.seen, bs)  # a data-parallel epoch's padding repeats items: count each once
-        self.seen += bs
+        n, real = learn.pred.shape[self.axis], self.take(learn, len(learn.pred))
         pred, targ = learn.pred[:real].argmax(dim=self.axis).flatten(), torch.as_tensor(learn.y)[:real].flatten().long()
         keep = (targ >= 0) & (targ < n)
         if self.ignore_index is not None: keep &= targ != self.ignore_index
         cm = torch.bincount(targ[keep]*n + pred[keep], minlength=n*n).view(n, n).cpu().double()
         self.cm = cm if self.cm is None else self.cm + cm
-        self.shared = in_data_parallel(learn)
 
     def per_class(self) -> torch.Tensor: raise NotImplementedError
 
     @property
     def value(self):
-        if self.shared: self.cm, self.shared = sum_over_processes(self.cm), False  # every process's share of the validation set
+        if self.cm is not None: self.cm = self.summed(self.cm)  # every process's share of the validation set
         if self.cm is None: return None
         scores = self.per_class()
         return float(scores[~scores.isnan()].mean()) if (~scores.isnan()).any() else float('nan')
