@@ -16,7 +16,8 @@ fixed mmap threshold) on a CPU, `torch.cuda.max_memory_allocated` on a GPU, duri
 (gradients and optimizer state are allocated in it, the CPU baseline's method) and during a later step (activations
 and gradients only, the stricter figure). The kernels are compiled beforehand on a copy, so compiling is not counted.
 The compile section freezes the weights (`options={'freezing': True}`) as a deployed model would, and also gives its
-figures against eager resnet50. Prints markdown tables and writes JSON to benchmarks/results/.
+figures against eager resnet50. Prints markdown tables and writes JSON to benchmarks/results/ (with --only, the
+sections run replace theirs in the file and the others stay, each column with the command and date it came from).
 """
 import argparse, json, os, platform, statistics, subprocess, sys, time, warnings
 from pathlib import Path
@@ -304,7 +305,12 @@ def main():
                 for e in ('NCHW', 'channels_last'):
                     print(f'compiled, against eager resnet50 {e}: ' + ', '.join(f"{m} {s[f'ratio vs resnet50 eager {e}']:.2f}×" for m, s in compiled.items()))
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
-    name = f"speed-{args.device}{'-quick' if args.quick else ''}.json"
-    (out/name).write_text(json.dumps(dict(device=dev, torch=torch.__version__, results=results), indent=1))
+    path = out/f"speed-{args.device}{'-quick' if args.quick else ''}.json"
+    command = f"python benchmarks/speed.py {' '.join(sys.argv[1:])}".strip()
+    saved = json.loads(path.read_text()) if args.only and path.exists() else {}  # --only: replace those sections, keep the rest
+    if saved.get('device') != dev: saved = {}
+    merged = {**saved.get('results', {}), **results}
+    sources = {**saved.get('sources', {}), **{col: dict(command=command, date=time.strftime('%Y-%m-%d')) for col in results}}
+    path.write_text(json.dumps(dict(device=dev, torch=torch.__version__, results=merged, sources=sources), indent=1))
 
 if __name__ == '__main__': main()

@@ -4,8 +4,8 @@
 
 # %% ../nbs/00_layers.ipynb #4e10edec
 from __future__ import annotations
-import math, os, warnings
-from contextlib import contextmanager
+import math, os, warnings, weakref
+from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -13,11 +13,12 @@ from timm.layers import DropPath
 import torch.nn.functional as F
 from timm.models.resnet import downsample_avg, downsample_conv
 from fastai.layers import ConvLayer
+import torch._dynamo.config as _dynamo_config
 
 # %% auto #0
 __all__ = ['FAST_PATHS', 'conv_act_norm', 'check_block_config', 'DilatedAvgPool2d', 'Bottle2neck', 'res2net_shortcut',
            'res2net_stage', 'set_fast_path', 'fast_path', 'MishBatchNorm', 'BatchNormAddMish', 'act_norm',
-           'norm_add_act', 'ConvActNorm']
+           'norm_add_act', 'MaxPool2d', 'ConvActNorm']
 
 # %% ../nbs/00_layers.ipynb #99c55666
 def conv_act_norm(conv:nn.Module, norm:nn.Module, act:nn.Module, x:torch.Tensor, bn_1st:bool=True) -> torch.Tensor:
@@ -87,17 +88,18 @@ class Bottle2neck(nn.Module):
     def zero_init_last(self): nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x):
-        out = conv_act_norm(self.conv1, self.bn1, self.act, x, self.bn_1st)
-        splits = torch.split(out, self.width, 1)
-        outs, sp = [], splits[0]
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            sp = splits[i] if i == 0 or self.is_first else sp + splits[i]
-            sp = conv_act_norm(conv, bn, self.act, sp, self.bn_1st)
-            outs.append(sp)
-        if self.scale > 1: outs.append(splits[-1] if self.pool is None else self.pool(splits[-1]))
-        out = self.conv3(torch.cat(outs, 1))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return norm_add_act(self.bn3, self.act, out, shortcut, self.drop_path)
+        with _lean_saves(x):  # the splits, their sums and the concatenation are rebuilt in the backward pass, not kept
+            out = conv_act_norm(self.conv1, self.bn1, self.act, x, self.bn_1st)
+            splits = _split(out, self.width)
+            outs, sp = [], splits[0]
+            for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+                sp = splits[i] if i == 0 or self.is_first else _derived(torch.add, sp, splits[i])
+                sp = conv_act_norm(conv, bn, self.act, sp, self.bn_1st)
+                outs.append(sp)
+            if self.scale > 1: outs.append(splits[-1] if self.pool is None else _derived(self.pool, splits[-1]))
+            out = self.conv3(_derived(torch.cat, outs, 1))
+            shortcut = x if self.downsample is None else self.downsample(x)
+            return norm_add_act(self.bn3, self.act, out, shortcut, self.drop_path)
 
 # %% ../nbs/00_layers.ipynb #4c87cd68
 def res2net_shortcut(inplanes:int, outplanes:int, stride:int=1, avg_down:bool=False, dilation:int=1, first_dilation:int=1) -> nn.Module:
@@ -148,6 +150,11 @@ def _k_mish_bn_fwd(y, w, b, eps:float):
     mean, var, invstd = _bn_stats(a, eps)
     return ((a - _vec(mean)) * _vec(invstd * w) + _vec(b)).to(y.dtype), mean, var, invstd
 
+def _k_mish_bn_apply(y, w, b, mean, invstd):
+    "`_k_mish_bn_fwd`'s output from given statistics: the same expression, so the same values"
+    a = y * _mish_tsp(y)[0]
+    return ((a - _vec(mean)) * _vec(invstd * w) + _vec(b)).to(y.dtype)
+
 def _k_mish_bn_bwd(g, y, w, mean, invstd):
     a, dmish = _mish_and_grad(y)
     ga, gw, gb = _bn_grad(g, (a - _vec(mean)) * _vec(invstd), w, invstd)
@@ -175,6 +182,9 @@ def _a_mish_bn_fwd(y, w, b, eps:float, running_mean=None, running_var=None, mome
     z, mean, invstd = torch.native_batch_norm(F.mish(y), w, b, running_mean, running_var, True, momentum, eps)
     return z, mean, invstd
 
+def _a_mish_bn_apply(y, w, b, mean, invstd):
+    return torch.addcmul(_vec(b), F.mish(y) - _vec(mean), _vec(invstd * w))
+
 def _a_mish_bn_bwd(g, y, w, mean, invstd, eps:float):
     ga, gw, gb = torch.ops.aten.native_batch_norm_backward(g, F.mish(y), w, None, None, mean, invstd, True, eps, [True]*3)
     return torch.ops.aten.mish_backward(ga, y), gw, gb
@@ -192,8 +202,8 @@ def _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, eps:float):
 # %% ../nbs/00_layers.ipynb #a6f0c104
 FAST_PATHS = ('compiled', 'aten', 'reference')
 _fast = dict(path=os.environ.get('RES2NETPLUS_FAST_PATH', 'compiled'), failed=None)
-_KERNELS = dict(mish_bn_fwd=_k_mish_bn_fwd, mish_bn_bwd=_k_mish_bn_bwd, bn_add_mish_fwd=_k_bn_add_mish_fwd,
-                bn_add_mish_bwd=_k_bn_add_mish_bwd, mish_affine=_k_mish_affine, affine_add_mish=_k_affine_add_mish)
+_KERNELS = dict(mish_bn_fwd=_k_mish_bn_fwd, mish_bn_apply=_k_mish_bn_apply, mish_bn_bwd=_k_mish_bn_bwd,
+                bn_add_mish_fwd=_k_bn_add_mish_fwd, bn_add_mish_bwd=_k_bn_add_mish_bwd, mish_affine=_k_mish_affine, affine_add_mish=_k_affine_add_mish)
 _compiled = {}
 
 def set_fast_path(path:str) -> str:
@@ -217,6 +227,14 @@ def _mish(y:torch.Tensor) -> torch.Tensor:
     "Mish as the fused kernels compute it, from one `exp`: what `torch.compile` gets to fuse (its own `F.mish` is exp, log1p and tanh)"
     return y * _mish_tsp(y)[0]
 
+def _call_dynamic(f, args):
+    """Call a dynamic-shape kernel with room for its recompiles: one per memory format, and one each time sizes that
+    were equal (H = W, which makes the kernels twice as fast) or 1 stop being so"""
+    limit = _dynamo_config.recompile_limit
+    _dynamo_config.recompile_limit = max(limit, 64)
+    try: return f(*args)
+    finally: _dynamo_config.recompile_limit = limit
+
 def _run_compiled(name, *args):
     "Run the inductor kernel `name`, or return None (and warn once) where this machine cannot compile it"
     if _fast['failed'] is not None: return None
@@ -224,7 +242,8 @@ def _run_compiled(name, *args):
     # plain tensors: parameters would get static shapes, and tensor subclasses (fastai's TensorImage) would be traced
     # through their __torch_function__ and come out wrong
     args = [a.detach().as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a for a in args]
-    try: return _compiled[name](*args)
+    try: return _call_dynamic(_compiled[name], args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit: return None  # these shapes run on PyTorch's kernels, the rest stays compiled
     except Exception as e:
         _fast['failed'] = e
         warnings.warn(f"res2netplus could not compile its fused Mish kernels ({type(e).__name__}: {e}); it falls back to "
@@ -273,6 +292,84 @@ def _act(path:str, act:nn.Module):
 
 def _fmt(t): return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
 
+# %% ../nbs/00_layers.ipynb #b7e1c202
+class _Recompute:
+    "How to rebuild a saved activation in the backward pass: `fn(*args)`, where args may be `_Recompute`s or lists of them"
+    __slots__ = ('fn', 'args', 'per_channel')
+    def __init__(self, fn, args, per_channel:bool=False): self.fn, self.args, self.per_channel = fn, args, per_channel
+
+    @staticmethod
+    def _eval(a):
+        if isinstance(a, _Recompute): return a()
+        return [_Recompute._eval(o) for o in a] if isinstance(a, list) else a
+
+    def __call__(self):
+        with torch.no_grad(): return self.fn(*[self._eval(a) for a in self.args])
+
+    def narrow(self, start:int, length:int) -> _Recompute:
+        "Channels `start:start+length`: a per-channel recipe (Mish + BatchNorm) computes only those"
+        if not self.per_channel: return _Recompute(torch.narrow, (self, 1, start, length))
+        return _Recompute(self.fn, [a.narrow(1 if a.dim() == 4 else 0, start, length) if isinstance(a, torch.Tensor) else a
+                                    for a in self.args], per_channel=True)
+
+_recipes = {}  # id(tensor) -> (weak reference to it, its _Recompute); an entry goes when its tensor does
+
+def _remember(t:torch.Tensor, recipe:_Recompute) -> torch.Tensor:
+    key = id(t)
+    _recipes[key] = (weakref.ref(t, lambda _, key=key: _recipes.pop(key, None)), recipe)
+    return t
+
+def _recipe_of(t:torch.Tensor) -> _Recompute|None:
+    entry = _recipes.get(id(t))
+    return entry[1] if entry is not None and entry[0]() is t else None
+
+def _recipe_of_arg(a):
+    "The recipe of an argument: a tensor's, a list of its tensors' (None if any has none), or the value itself"
+    if isinstance(a, torch.Tensor): return _recipe_of(a)
+    if isinstance(a, list):
+        rs = [_recipe_of_arg(o) for o in a]
+        return None if any(r is None for r in rs) else rs
+    return a
+
+def _derived(fn, *args) -> torch.Tensor:
+    "`fn(*args)`, remembered as recomputable when every tensor in `args` is"
+    out = fn(*args)
+    if _recipes and torch.is_grad_enabled():
+        rs = [_recipe_of_arg(a) for a in args]
+        if all(r is not None for r in rs): _remember(out, _Recompute(fn, rs))
+    return out
+
+def _split(t:torch.Tensor, size:int) -> tuple:
+    "`torch.split(t, size, 1)`, whose pieces of a recomputable tensor are recomputable, each from its own channels"
+    pieces = torch.split(t, size, 1)
+    r = _recipe_of(t) if _recipes else None
+    if r is not None:
+        for i, p in enumerate(pieces): _remember(p, r.narrow(i * size, p.shape[1]))
+    return pieces
+
+def _pack(t):
+    r = _recipe_of(t) if _recipes else None
+    return t if r is None else r
+
+def _unpack(p): return p() if isinstance(p, _Recompute) else p
+
+def _outer_hooks() -> bool:
+    "Whether saved-tensor hooks (checkpointing, offloading, or ours further out) are active; True where torch cannot tell"
+    top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    return top is None or top(True) is not None
+
+def _lean_saves(x:torch.Tensor):
+    "While a training forward pass runs where the fused kernels do: autograd keeps a recipe for each recomputable tensor instead of it"
+    if (_fast['path'] == 'reference' or not torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32
+        or _exporting() or torch.compiler.is_compiling() or _outer_hooks()): return nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+def _mish_bn_apply(compiled:bool, y, w, b, mean, invstd, fmt) -> torch.Tensor:
+    "A training-mode `bn(mish(y))` again from its batch statistics, in memory format `fmt`: what `MishBatchNorm`'s output is rebuilt with"
+    y = y.contiguous(memory_format=fmt)  # a block's splits narrow `y`: one kernel for every split, not one per offset and stride
+    res = _run_compiled('mish_bn_apply', y, w, b, mean, invstd) if compiled else None
+    return _a_mish_bn_apply(y, w, b, mean, invstd) if res is None else res
+
 # %% ../nbs/00_layers.ipynb #a6f0c105
 class MishBatchNorm(torch.autograd.Function):
     "`bn(mish(y))` in training mode, saving only `y`: Mish is recomputed in the backward pass"
@@ -286,7 +383,8 @@ class MishBatchNorm(torch.autograd.Function):
         else: z, mean, invstd = _a_mish_bn_fwd(y, weight, bias, bn.eps, bn.running_mean, bn.running_var, momentum)
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps, ctx.compiled = bn.eps, res is not None
-        return z
+        recipe = _Recompute(_mish_bn_apply, (ctx.compiled, y, weight.detach(), bias.detach(), mean, invstd, _fmt(y)), per_channel=True)
+        return _remember(z, recipe)
 
     @staticmethod
     @once_differentiable
@@ -346,9 +444,14 @@ def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, 
     c = norm(c)
     return _act(path, act)((c if drop_path is None else drop_path(c)) + r)
 
+class MaxPool2d(nn.MaxPool2d):
+    "`nn.MaxPool2d` whose backward, which needs only the indices, lets autograd rebuild a Mish + BatchNorm input rather than keep it"
+    def forward(self, x):
+        with _lean_saves(x): return super().forward(x)
+
 class ConvActNorm(ConvLayer):
     "fastai's `ConvLayer` (same layers, same keys) whose conv → Mish → BatchNorm runs through `act_norm`"
     def forward(self, x):
         if len(self) == 3 and isinstance(self[0], nn.Conv2d) and isinstance(self[1], nn.Mish):
-            return act_norm(self[1], self[2], self[0](x))
+            with _lean_saves(x): return act_norm(self[1], self[2], self[0](x))
         return super().forward(x)

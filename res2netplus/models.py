@@ -17,7 +17,7 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import model_meta
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
-from .layers import res2net_stage, ConvActNorm
+from .layers import res2net_stage, ConvActNorm, MaxPool2d
 from .weights import load_weights, read_weights, fetch_imagenet_weights
 
 # %% auto #0
@@ -38,7 +38,7 @@ def res2net_stem(stem_type:str='', in_chans:int=3, stem_szs=(32, 32, 64), act_cl
     if stem_type == 'xresnet':
         szs = [in_chans, *stem_szs]
         return [(f'stem{i+1}', ConvActNorm(szs[i], szs[i+1], 3, stride=2 if i == 0 else 1, bias=bias,
-                                           act_cls=act_cls, bn_1st=bn_1st)) for i in range(3)] + [('maxpool', nn.MaxPool2d(3, 2, 1))]
+                                           act_cls=act_cls, bn_1st=bn_1st)) for i in range(3)] + [('maxpool', MaxPool2d(3, 2, 1))]
     if stem_type == 'deep':
         c1, c2, c3 = stem_szs
         conv1 = nn.Sequential(nn.Conv2d(in_chans, c1, 3, 2, 1, bias=bias), *_norm_act(c1, act_cls, bn_1st),
