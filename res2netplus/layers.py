@@ -4,7 +4,9 @@
 
 # %% ../nbs/00_layers.ipynb #4e10edec
 from __future__ import annotations
-import math, os, warnings, weakref
+import ctypes, hashlib, math, os, platform, shutil, subprocess, warnings, weakref
+from importlib.resources import files
+from pathlib import Path
 from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
@@ -13,12 +15,11 @@ from timm.layers import DropPath
 import torch.nn.functional as F
 from timm.models.resnet import downsample_avg, downsample_conv
 from fastai.layers import ConvLayer
-import torch._dynamo.config as _dynamo_config
 
 # %% auto #0
 __all__ = ['FAST_PATHS', 'conv_act_norm', 'check_block_config', 'DilatedAvgPool2d', 'Bottle2neck', 'res2net_shortcut',
-           'res2net_stage', 'set_fast_path', 'fast_path', 'MishBatchNorm', 'BatchNormAddMish', 'act_norm',
-           'norm_add_act', 'MaxPool2d', 'ConvActNorm']
+           'res2net_stage', 'set_fast_path', 'fast_path', 'build_kernels', 'MishBatchNorm', 'BatchNormAddMish',
+           'act_norm', 'norm_add_act', 'MaxPool2d', 'ConvActNorm']
 
 # %% ../nbs/00_layers.ipynb #99c55666
 def conv_act_norm(conv:nn.Module, norm:nn.Module, act:nn.Module, x:torch.Tensor, bn_1st:bool=True) -> torch.Tensor:
@@ -127,55 +128,10 @@ def res2net_stage(inplanes:int, planes:int, n_blocks:int, stride:int=1, avg_down
 def _vec(v): return v[None, :, None, None]  # a per-channel vector, broadcast over (N, C, H, W)
 
 def _mish_tsp(y):
-    "`tanh(softplus(y))` and `sigmoid(y)` from a single exp: tanh(log1p(e)) = e(e+2) / (e(e+2)+2)"
+    "`tanh(softplus(y))` from a single exp: tanh(log1p(e)) = e(e+2) / (e(e+2)+2)"
     e = torch.exp(y.clamp(max=20.))
     n = e * (e + 2.)
-    return n / (n + 2.), e / (e + 1.)
-
-def _mish_and_grad(y):
-    tsp, sig = _mish_tsp(y)
-    return y * tsp, tsp + y * sig * (1. - tsp * tsp)
-
-def _bn_stats(a, eps):
-    var, mean = torch.var_mean(a.float(), (0, 2, 3), correction=0)
-    return mean, var, torch.rsqrt(var + eps)
-
-def _bn_grad(g, xhat, w, invstd):
-    "BatchNorm's training-mode backward, given the normalized input `xhat`"
-    gm, gxm = g.mean((0, 2, 3), keepdim=True), (g * xhat).mean((0, 2, 3), keepdim=True)
-    return (g - gm - xhat * gxm) * _vec(invstd * w), (g * xhat).sum((0, 2, 3)), g.sum((0, 2, 3))
-
-def _k_mish_bn_fwd(y, w, b, eps:float):
-    a = y * _mish_tsp(y)[0]
-    mean, var, invstd = _bn_stats(a, eps)
-    return ((a - _vec(mean)) * _vec(invstd * w) + _vec(b)).to(y.dtype), mean, var, invstd
-
-def _k_mish_bn_apply(y, w, b, mean, invstd):
-    "`_k_mish_bn_fwd`'s output from given statistics: the same expression, so the same values"
-    a = y * _mish_tsp(y)[0]
-    return ((a - _vec(mean)) * _vec(invstd * w) + _vec(b)).to(y.dtype)
-
-def _k_mish_bn_bwd(g, y, w, mean, invstd):
-    a, dmish = _mish_and_grad(y)
-    ga, gw, gb = _bn_grad(g, (a - _vec(mean)) * _vec(invstd), w, invstd)
-    return (ga * dmish).to(y.dtype), gw, gb
-
-def _k_bn_add_mish_fwd(c, r, w, b, eps:float):
-    mean, var, invstd = _bn_stats(c, eps)
-    s = (c - _vec(mean)) * _vec(invstd * w) + _vec(b) + r
-    return (s * _mish_tsp(s)[0]).to(c.dtype), mean, var, invstd
-
-def _k_bn_add_mish_bwd(g, c, r, w, b, mean, invstd):
-    xhat = (c - _vec(mean)) * _vec(invstd)
-    gs = g * _mish_and_grad(xhat * _vec(w) + _vec(b) + r)[1]
-    gc, gw, gb = _bn_grad(gs, xhat, w, invstd)
-    return gc.to(c.dtype), gs.to(r.dtype), gw, gb
-
-def _k_mish_affine(y, scale, shift): return y * _mish_tsp(y)[0] * _vec(scale) + _vec(shift)
-
-def _k_affine_add_mish(c, scale, shift, r):
-    s = c * _vec(scale) + _vec(shift) + r
-    return s * _mish_tsp(s)[0]
+    return n / (n + 2.)
 
 # %% ../nbs/00_layers.ipynb #a6f0c103
 def _a_mish_bn_fwd(y, w, b, eps:float, running_mean=None, running_var=None, momentum:float=0.):
@@ -201,10 +157,7 @@ def _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, eps:float):
 
 # %% ../nbs/00_layers.ipynb #a6f0c104
 FAST_PATHS = ('compiled', 'aten', 'reference')
-_fast = dict(path=os.environ.get('RES2NETPLUS_FAST_PATH', 'compiled'), failed=None)
-_KERNELS = dict(mish_bn_fwd=_k_mish_bn_fwd, mish_bn_apply=_k_mish_bn_apply, mish_bn_bwd=_k_mish_bn_bwd,
-                bn_add_mish_fwd=_k_bn_add_mish_fwd, bn_add_mish_bwd=_k_bn_add_mish_bwd, mish_affine=_k_mish_affine, affine_add_mish=_k_affine_add_mish)
-_compiled = {}
+_fast = dict(path=os.environ.get('RES2NETPLUS_FAST_PATH', 'compiled'), failed=None, lib=None)
 
 def set_fast_path(path:str) -> str:
     "Run Mish + BatchNorm as `'compiled'` kernels, `'aten'` (PyTorch's kernels) or `'reference'` modules; returns the old setting"
@@ -225,30 +178,84 @@ def _exporting() -> bool:
 
 def _mish(y:torch.Tensor) -> torch.Tensor:
     "Mish as the fused kernels compute it, from one `exp`: what `torch.compile` gets to fuse (its own `F.mish` is exp, log1p and tanh)"
-    return y * _mish_tsp(y)[0]
+    return y * _mish_tsp(y)
 
-def _call_dynamic(f, args):
-    """Call a dynamic-shape kernel with room for its recompiles: one per memory format, and one each time sizes that
-    were equal (H = W, which makes the kernels twice as fast) or 1 stop being so"""
-    limit = _dynamo_config.recompile_limit
-    _dynamo_config.recompile_limit = max(limit, 64)
-    try: return f(*args)
-    finally: _dynamo_config.recompile_limit = limit
+# Each kernel's arguments (T a 4-D tensor, V a per-channel vector, f a float), then how many 4-D and per-channel outputs
+_KERNELS = dict(mish_bn_fwd=('TVVf', 1, 3), mish_bn_apply=('TVVVV', 1, 0), mish_bn_bwd=('TTVVV', 1, 2),
+                bn_add_mish_fwd=('TTVVf', 1, 3), bn_add_mish_bwd=('TTTVVVV', 2, 2),
+                mish_affine=('TVV', 1, 0), affine_add_mish=('TVVT', 1, 0))
+# -march=native: the library is built for, and cached per, this machine's instruction set
+_BUILD_FLAGS = (['-O3', '-march=native', '-fopenmp'], ['-O3', '-fopenmp'], ['-O3'])
 
-def _run_compiled(name, *args):
-    "Run the inductor kernel `name`, or return None (and warn once) where this machine cannot compile it"
-    if _fast['failed'] is not None: return None
-    if name not in _compiled: _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
-    # plain tensors: parameters would get static shapes, and tensor subclasses (fastai's TensorImage) would be traced
-    # through their __torch_function__ and come out wrong
-    args = [a.detach().as_subclass(torch.Tensor) if isinstance(a, torch.Tensor) else a for a in args]
-    try: return _call_dynamic(_compiled[name], args)
-    except torch._dynamo.exc.FailOnRecompileLimitHit: return None  # these shapes run on PyTorch's kernels, the rest stays compiled
-    except Exception as e:
-        _fast['failed'] = e
-        warnings.warn(f"res2netplus could not compile its fused Mish kernels ({type(e).__name__}: {e}); it falls back to "
-                      "PyTorch's kernels (same results, slower). set_fast_path('aten') silences this.")
-        return None
+def _kernel_cache() -> Path:
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return Path(os.environ.get('RES2NETPLUS_CACHE') or os.path.join(root, 'res2netplus'))
+
+def _machine_id() -> str:
+    "What a build depends on besides the source and the compiler: the processor's instruction set"
+    try:
+        with open('/proc/cpuinfo') as f: flags = next((l for l in f if l.startswith(('flags', 'Features'))), '')
+    except OSError: flags = ''
+    return f'{platform.machine()} {platform.processor()} {flags}'
+
+def build_kernels(verbose:bool=False) -> ctypes.CDLL:
+    "Compile (once per machine, cached in `~/.cache/res2netplus` or `$RES2NETPLUS_CACHE`) and load the fused Mish + BatchNorm kernels"
+    source = files('res2netplus').joinpath('csrc', 'fused_mish_bn.cpp')
+    cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
+    if cxx is None: raise RuntimeError('no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)')
+    code = source.read_bytes()
+    version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
+    errors = []
+    for flags in _BUILD_FLAGS:
+        flags = flags + ['-std=c++17', '-ffp-contract=off', '-Wno-psabi', '-shared', '-fPIC']
+        key = hashlib.sha256(code + repr((version, flags, _machine_id())).encode()).hexdigest()[:16]
+        lib = _kernel_cache()/f'fused_mish_bn-{key}.so'
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_name(f'{lib.name}.{os.getpid()}.tmp')  # a finished library appears at once: parallel builds do not clash
+            with source.open('rb'):
+                res = subprocess.run([cxx, *flags, str(source), '-o', str(tmp)], capture_output=True, text=True)
+            if res.returncode:
+                errors.append(f"{' '.join(flags)}: {res.stderr.strip()[-400:]}")
+                tmp.unlink(missing_ok=True)
+                continue
+            os.replace(tmp, lib)
+        if verbose: print(f'fused kernels: {lib}')
+        dll = ctypes.CDLL(str(lib))
+        for name, (args, n_t, n_v) in _KERNELS.items():
+            conv = dict(T=ctypes.c_void_p, V=ctypes.c_void_p, f=ctypes.c_float)
+            getattr(dll, name).argtypes = [conv[a] for a in args] + [ctypes.c_void_p] * (n_t + n_v) + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+            getattr(dll, name).restype = None
+        return dll
+    raise RuntimeError(f'{cxx} could not build the kernels: ' + ' | '.join(errors))
+
+def _kernels() -> ctypes.CDLL|None:
+    "The kernels, built on first use; None (after one warning) where this machine cannot build them"
+    if _fast['lib'] is None and _fast['failed'] is None:
+        try: _fast['lib'] = build_kernels()
+        except Exception as e:
+            _fast['failed'] = e
+            warnings.warn(f"res2netplus could not build its fused Mish kernels ({type(e).__name__}: {e}); it falls back to "
+                          "PyTorch's kernels (same results, slower). set_fast_path('aten') silences this.")
+    return _fast['lib']
+
+def _run_kernel(name:str, *args):
+    "Run the fused kernel `name` on CPU float32 tensors; None where the kernels are not available (PyTorch's then run)"
+    lib = _kernels()
+    if lib is None: return None
+    spec, n_t, n_v = _KERNELS[name]
+    first = args[0]
+    fmt = _fmt(first)
+    ptrs, keep = [], []
+    for kind, a in zip(spec, args):
+        if kind == 'f': ptrs.append(a); continue
+        a = a.detach().contiguous(memory_format=fmt) if kind == 'T' else a.detach().contiguous()
+        if a.dtype != torch.float32: return None
+        keep.append(a); ptrs.append(a.data_ptr())
+    n, c, h, w = first.shape
+    outs = [torch.empty(first.shape, memory_format=fmt) for _ in range(n_t)] + [torch.empty(c) for _ in range(n_v)]
+    getattr(lib, name)(*ptrs, *[o.data_ptr() for o in outs], n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 def _hooked(*mods) -> bool:
     return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in mods)
@@ -367,7 +374,7 @@ def _lean_saves(x:torch.Tensor):
 def _mish_bn_apply(compiled:bool, y, w, b, mean, invstd, fmt) -> torch.Tensor:
     "A training-mode `bn(mish(y))` again from its batch statistics, in memory format `fmt`: what `MishBatchNorm`'s output is rebuilt with"
     y = y.contiguous(memory_format=fmt)  # a block's splits narrow `y`: one kernel for every split, not one per offset and stride
-    res = _run_compiled('mish_bn_apply', y, w, b, mean, invstd) if compiled else None
+    res = _run_kernel('mish_bn_apply', y, w, b, mean, invstd) if compiled else None
     return _a_mish_bn_apply(y, w, b, mean, invstd) if res is None else res
 
 # %% ../nbs/00_layers.ipynb #a6f0c105
@@ -376,7 +383,7 @@ class MishBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, bn, compiled:bool):
         momentum, n = _momentum(bn), y.numel() // y.shape[1]
-        res = _run_compiled('mish_bn_fwd', y, weight, bias, bn.eps) if compiled else None
+        res = _run_kernel('mish_bn_fwd', y, weight, bias, bn.eps) if compiled else None
         if res is not None:
             z, mean, var, invstd = res
             _update_running(bn, mean, var, momentum, n)
@@ -391,7 +398,7 @@ class MishBatchNorm(torch.autograd.Function):
     def backward(ctx, g):
         y, w, mean, invstd = ctx.saved_tensors
         g = g.contiguous(memory_format=_fmt(y))
-        res = _run_compiled('mish_bn_bwd', g, y, w, mean, invstd) if ctx.compiled else None
+        res = _run_kernel('mish_bn_bwd', g, y, w, mean, invstd) if ctx.compiled else None
         gy, gw, gb = res if res is not None else _a_mish_bn_bwd(g, y, w, mean, invstd, ctx.eps)
         return gy, gw, gb, None, None
 
@@ -401,7 +408,7 @@ class BatchNormAddMish(torch.autograd.Function):
     def forward(ctx, c, r, weight, bias, bn, compiled:bool):
         momentum, n = _momentum(bn), c.numel() // c.shape[1]
         r = r.contiguous(memory_format=_fmt(c))
-        res = _run_compiled('bn_add_mish_fwd', c, r, weight, bias, bn.eps) if compiled else None
+        res = _run_kernel('bn_add_mish_fwd', c, r, weight, bias, bn.eps) if compiled else None
         if res is not None:
             out, mean, var, invstd = res
             _update_running(bn, mean, var, momentum, n)
@@ -415,7 +422,7 @@ class BatchNormAddMish(torch.autograd.Function):
     def backward(ctx, g):
         c, r, w, b, mean, invstd = ctx.saved_tensors
         g = g.contiguous(memory_format=_fmt(c))
-        res = _run_compiled('bn_add_mish_bwd', g, c, r, w, b, mean, invstd) if ctx.compiled else None
+        res = _run_kernel('bn_add_mish_bwd', g, c, r, w, b, mean, invstd) if ctx.compiled else None
         gc, gr, gw, gb = res if res is not None else _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, ctx.eps)
         return gc, gr, gw, gb, None, None
 
@@ -427,7 +434,7 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
     if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
     if path == 'compiled' and _inference(y, norm):
-        res = _run_compiled('mish_affine', y, *_eval_affine(norm, y))
+        res = _run_kernel('mish_affine', y, *_eval_affine(norm, y))
         if res is not None: return res
     return norm(act(y))
 
@@ -439,7 +446,7 @@ def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, 
         if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:
             return BatchNormAddMish.apply(c, r, norm.weight, norm.bias, norm, path == 'compiled')
         if path == 'compiled' and _inference(c, norm) and not r.requires_grad:
-            res = _run_compiled('affine_add_mish', c, *_eval_affine(norm, c), r.contiguous(memory_format=_fmt(c)))
+            res = _run_kernel('affine_add_mish', c, *_eval_affine(norm, c), r.contiguous(memory_format=_fmt(c)))
             if res is not None: return res
     c = norm(c)
     return _act(path, act)((c if drop_path is None else drop_path(c)) + r)
