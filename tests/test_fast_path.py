@@ -221,3 +221,88 @@ def test_users_saved_tensor_hooks_and_checkpointing_are_left_alone(plus, monkeyp
     got = run(Checkpointed(m), x, 'compiled')  # (BatchNorm buffers differ: a checkpointed forward pass updates them twice)
     assert_same({k: v for k, v in got.items() if not k.startswith('buffer')},
                 {k.replace('grad ', 'grad net.'): v for k, v in ref.items() if not k.startswith('buffer')})
+
+def _reference_kernel(name, *a):
+    "Each fused kernel written with PyTorch's own ops (float64), to compare against"
+    a = [t.double() if isinstance(t, torch.Tensor) else t for t in a]
+    v = layers._vec
+    def mish(y): return torch.nn.functional.mish(y)
+    def stats(x):
+        var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        return mean, var
+    if name == 'mish_bn_fwd':
+        y, w, b, eps = a
+        m = mish(y); mean, var = stats(m); inv = torch.rsqrt(var + eps)
+        return (m - v(mean)) * v(inv * w) + v(b), mean, var, inv
+    if name == 'mish_bn_apply':
+        y, w, b, mean, inv = a
+        return (mish(y) - v(mean)) * v(inv * w) + v(b)
+    if name == 'bn_add_mish_fwd':
+        x, r, w, b, eps = a
+        mean, var = stats(x); inv = torch.rsqrt(var + eps)
+        return mish((x - v(mean)) * v(inv * w) + v(b) + r), mean, var, inv
+    if name == 'mish_affine':
+        y, scale, shift = a
+        return mish(y) * v(scale) + v(shift)
+    if name == 'affine_add_mish':
+        x, scale, shift, r = a
+        return mish(x * v(scale) + v(shift) + r)
+    # backward kernels: autograd through the forward expression, with the statistics held fixed as the kernels take them
+    if name == 'mish_bn_bwd':
+        g, y, w, mean, inv = a
+        y, w, b = y.clone().requires_grad_(), w.clone().requires_grad_(), torch.zeros_like(w, requires_grad=True)
+        m = mish(y); mu, var = stats(m)
+        z = (m - v(mu)) * v(torch.rsqrt(var + 1e-5) * w) + v(b)
+        return torch.autograd.grad(z, (y, w, b), g)
+    if name == 'bn_add_mish_bwd':
+        g, x, r, w, b, mean, inv = a
+        x, r, w, b = [t.clone().requires_grad_() for t in (x, r, w, b)]
+        mu, var = stats(x)
+        out = mish((x - v(mu)) * v(torch.rsqrt(var + 1e-5) * w) + v(b) + r)
+        gx, gr, gw, gb = torch.autograd.grad(out, (x, r, w, b), g)
+        return gx, gr, gw, gb
+    raise KeyError(name)
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('shape', [(2, 7, 5, 3), (3, 26, 4, 4), (2, 40, 9, 9), (2, 3, 1, 1)])
+def test_each_kernel_equals_pytorch(shape, channels_last):
+    "Every fused kernel against PyTorch's ops in float64, on sizes with partial vectors (channels, rows) in both layouts"
+    if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t = lambda *s, scale=2.: (torch.randn(*s, generator=g) * scale).contiguous(memory_format=fmt)
+    c = shape[1]
+    y, r, grad = t(*shape, scale=3.), t(*shape), t(*shape)
+    wt, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    z, mean, var, inv = layers._run_kernel('mish_bn_fwd', y, wt, b, 1e-5)
+    assert z.is_contiguous(memory_format=fmt)
+    ref = _reference_kernel('mish_bn_fwd', y, wt, b, 1e-5)
+    for got, want in zip((z, mean, var, inv), ref): assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
+    # the rebuilt output is the forward output bit for bit
+    assert torch.equal(layers._run_kernel('mish_bn_apply', y, wt, b, mean, inv), z)
+    cases = [('mish_bn_apply', (y, wt, b, mean, inv)), ('mish_affine', (y, wt, b)), ('affine_add_mish', (y, wt, b, r)),
+             ('bn_add_mish_fwd', (y, r, wt, b, 1e-5)), ('mish_bn_bwd', (grad, y, wt, mean, inv))]
+    _, mu, _, iv = layers._run_kernel('bn_add_mish_fwd', y, r, wt, b, 1e-5)
+    cases.append(('bn_add_mish_bwd', (grad, y, r, wt, b, mu, iv)))
+    for name, args in cases:
+        got, want = layers._run_kernel(name, *args), _reference_kernel(name, *args)
+        got, want = (got,) if isinstance(got, torch.Tensor) else got, (want,) if isinstance(want, torch.Tensor) else want
+        for i, (gt, wn) in enumerate(zip(got, want)):
+            scale = max(wn.abs().max().item(), 1.)
+            assert (gt.double() - wn).abs().max().item() <= 2e-5 * scale, (name, i, (gt.double() - wn).abs().max().item())
+
+def test_kernels_are_built_once_into_the_cache(tmp_path, monkeypatch):
+    if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    monkeypatch.setenv('RES2NETPLUS_CACHE', str(tmp_path))
+    layers.build_kernels()
+    built = list(tmp_path.glob('fused_mish_bn-*.so'))
+    assert len(built) == 1 and not list(tmp_path.glob('*.tmp'))
+    mtime = built[0].stat().st_mtime_ns
+    layers.build_kernels()
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob('fused_mish_bn-*.so')] == [mtime]
+
+def test_a_broken_compiler_is_named(tmp_path, monkeypatch):
+    fake = tmp_path/'g++'
+    fake.write_text('#!/bin/sh\necho "fake compiler: no such flag" >&2\nexit 1\n'); fake.chmod(0o755)
+    monkeypatch.setenv('CXX', str(fake)); monkeypatch.setenv('RES2NETPLUS_CACHE', str(tmp_path/'cache'))
+    with pytest.raises(RuntimeError, match='could not build the kernels.*fake compiler'): layers.build_kernels()
