@@ -4,8 +4,8 @@
 
 # %% ../nbs/00_layers.ipynb #4e10edec
 from __future__ import annotations
-import ctypes, hashlib, math, os, platform, shutil, subprocess, warnings, weakref
-from importlib.resources import files
+import ctypes, hashlib, math, os, platform, shutil, subprocess, tempfile, warnings, weakref
+from importlib.resources import as_file, files
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 import torch
@@ -188,8 +188,13 @@ _KERNELS = dict(mish_bn_fwd=('TVVf', 1, 3), mish_bn_apply=('TVVVV', 1, 0), mish_
 _BUILD_FLAGS = (['-O3', '-march=native', '-fopenmp'], ['-O3', '-fopenmp'], ['-O3'])
 
 def _kernel_cache() -> Path:
-    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return Path(os.environ.get('RES2NETPLUS_CACHE') or os.path.join(root, 'res2netplus'))
+    "`kernels/` in the package's folder (`$RES2NETPLUS_HOME`, else `~/.cache/res2netplus`); a temporary one where that cannot be written"
+    from res2netplus.data import default_cache_dir
+    cache = default_cache_dir()/'kernels'
+    try: cache.mkdir(parents=True, exist_ok=True)
+    except OSError: pass
+    if os.access(cache, os.W_OK): return cache
+    return Path(tempfile.gettempdir())/f"res2netplus-kernels-{getattr(os, 'getuid', lambda: 'user')()}"
 
 def _machine_id() -> str:
     "What a build depends on besides the source and the compiler: the processor's instruction set"
@@ -199,7 +204,7 @@ def _machine_id() -> str:
     return f'{platform.machine()} {platform.processor()} {flags}'
 
 def build_kernels(verbose:bool=False) -> ctypes.CDLL:
-    "Compile (once per machine, cached in `~/.cache/res2netplus` or `$RES2NETPLUS_CACHE`) and load the fused Mish + BatchNorm kernels"
+    "Compile (once per machine, cached in `~/.cache/res2netplus/kernels`) and load the fused Mish + BatchNorm kernels"
     source = files('res2netplus').joinpath('csrc', 'fused_mish_bn.cpp')
     cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
     if cxx is None: raise RuntimeError('no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)')
@@ -213,8 +218,8 @@ def build_kernels(verbose:bool=False) -> ctypes.CDLL:
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_name(f'{lib.name}.{os.getpid()}.tmp')  # a finished library appears at once: parallel builds do not clash
-            with source.open('rb'):
-                res = subprocess.run([cxx, *flags, str(source), '-o', str(tmp)], capture_output=True, text=True)
+            with as_file(source) as path:
+                res = subprocess.run([cxx, *flags, str(path), '-o', str(tmp)], capture_output=True, text=True)
             if res.returncode:
                 errors.append(f"{' '.join(flags)}: {res.stderr.strip()[-400:]}")
                 tmp.unlink(missing_ok=True)
@@ -222,9 +227,9 @@ def build_kernels(verbose:bool=False) -> ctypes.CDLL:
             os.replace(tmp, lib)
         if verbose: print(f'fused kernels: {lib}')
         dll = ctypes.CDLL(str(lib))
-        for name, (args, n_t, n_v) in _KERNELS.items():
-            conv = dict(T=ctypes.c_void_p, V=ctypes.c_void_p, f=ctypes.c_float)
-            getattr(dll, name).argtypes = [conv[a] for a in args] + [ctypes.c_void_p] * (n_t + n_v) + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+        ctype = dict(T=ctypes.c_void_p, V=ctypes.c_void_p, f=ctypes.c_float)
+        for name, (args, n_t, n_v) in _KERNELS.items():  # inputs, outputs, then N, C, H·W, channels_last, threads
+            getattr(dll, name).argtypes = [ctype[a] for a in args] + [ctypes.c_void_p] * (n_t + n_v) + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
             getattr(dll, name).restype = None
         return dll
     raise RuntimeError(f'{cxx} could not build the kernels: ' + ' | '.join(errors))
@@ -246,12 +251,12 @@ def _run_kernel(name:str, *args):
     spec, n_t, n_v = _KERNELS[name]
     first = args[0]
     fmt = _fmt(first)
-    ptrs, keep = [], []
+    ptrs, dense = [], []  # `dense` holds the copies the pointers point into until the call returns
     for kind, a in zip(spec, args):
         if kind == 'f': ptrs.append(a); continue
         a = a.detach().contiguous(memory_format=fmt) if kind == 'T' else a.detach().contiguous()
         if a.dtype != torch.float32: return None
-        keep.append(a); ptrs.append(a.data_ptr())
+        dense.append(a); ptrs.append(a.data_ptr())
     n, c, h, w = first.shape
     outs = [torch.empty(first.shape, memory_format=fmt) for _ in range(n_t)] + [torch.empty(c) for _ in range(n_v)]
     getattr(lib, name)(*ptrs, *[o.data_ptr() for o in outs], n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())

@@ -293,16 +293,16 @@ def test_each_kernel_equals_pytorch(shape, channels_last):
 
 def test_kernels_are_built_once_into_the_cache(tmp_path, monkeypatch):
     if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
-    monkeypatch.setenv('RES2NETPLUS_CACHE', str(tmp_path))
+    monkeypatch.setenv('RES2NETPLUS_HOME', str(tmp_path))
     layers.build_kernels()
-    built = list(tmp_path.glob('fused_mish_bn-*.so'))
-    assert len(built) == 1 and not list(tmp_path.glob('*.tmp'))
+    built = list(tmp_path.glob('kernels/fused_mish_bn-*.so'))
+    assert len(built) == 1 and not list(tmp_path.glob('kernels/*.tmp'))
     mtime = built[0].stat().st_mtime_ns
     layers.build_kernels()
-    assert [p.stat().st_mtime_ns for p in tmp_path.glob('fused_mish_bn-*.so')] == [mtime]
+    assert [p.stat().st_mtime_ns for p in tmp_path.glob('kernels/fused_mish_bn-*.so')] == [mtime]
 
 def test_a_broken_compiler_is_named(tmp_path, monkeypatch):
     fake = tmp_path/'g++'
     fake.write_text('#!/bin/sh\necho "fake compiler: no such flag" >&2\nexit 1\n'); fake.chmod(0o755)
-    monkeypatch.setenv('CXX', str(fake)); monkeypatch.setenv('RES2NETPLUS_CACHE', str(tmp_path/'cache'))
+    monkeypatch.setenv('CXX', str(fake)); monkeypatch.setenv('RES2NETPLUS_HOME', str(tmp_path/'cache'))
     with pytest.raises(RuntimeError, match='could not build the kernels.*fake compiler'): layers.build_kernels()
