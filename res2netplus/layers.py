@@ -259,7 +259,10 @@ def _run_kernel(name:str, *args):
         dense.append(a); ptrs.append(a.data_ptr())
     n, c, h, w = first.shape
     outs = [torch.empty(first.shape, memory_format=fmt) for _ in range(n_t)] + [torch.empty(c) for _ in range(n_v)]
-    getattr(lib, name)(*ptrs, *[o.data_ptr() for o in outs], n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())
+    call = lambda: getattr(lib, name)(*ptrs, *[o.data_ptr() for o in outs], n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())
+    if torch.autograd.profiler._is_profiler_enabled:  # torch.profiler does not see a ctypes call: name it
+        with torch.profiler.record_function(f'res2netplus::{name}'): call()
+    else: call()
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 def _hooked(*mods) -> bool:
