@@ -381,7 +381,7 @@ def _lean_saves(x:torch.Tensor):
 
 def _mish_bn_apply(compiled:bool, y, w, b, mean, invstd, fmt) -> torch.Tensor:
     "A training-mode `bn(mish(y))` again from its batch statistics, in memory format `fmt`: what `MishBatchNorm`'s output is rebuilt with"
-    y = y.contiguous(memory_format=fmt)  # a block's splits narrow `y`: one kernel for every split, not one per offset and stride
+    y = y.contiguous(memory_format=fmt)  # a block's splits narrow `y`; the kernels, and the bit-equal rebuild, want it dense in the forward pass's format
     res = _run_kernel('mish_bn_apply', y, w, b, mean, invstd) if compiled else None
     return _a_mish_bn_apply(y, w, b, mean, invstd) if res is None else res
 
