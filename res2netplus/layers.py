@@ -305,7 +305,10 @@ def _act(path:str, act:nn.Module):
     "The activation the unfused paths run: the module itself, or under torch.compile Mish's one-`exp` formula"
     return _mish if path == 'formula' else act
 
-def _fmt(t): return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() else torch.contiguous_format
+def _fmt(t):
+    "The memory format `t` runs in: channels_last when its channels are innermost (dense, or a view such as a split), else NCHW"
+    if t.is_contiguous(): return torch.contiguous_format
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) or t.stride(1) == 1 else torch.contiguous_format
 
 # %% ../nbs/00_layers.ipynb #b7e1c202
 class _Recompute:

@@ -247,15 +247,16 @@ def _reference_kernel(name, *a):
     if name == 'affine_add_mish':
         x, scale, shift, r = a
         return mish(x * v(scale) + v(shift) + r)
-    # backward kernels: autograd through the forward expression, with the statistics held fixed as the kernels take them
+    # backward kernels: autograd through the forward expression, batch statistics included (training-mode BatchNorm);
+    # the statistics the kernels are given are the forward pass's, so these recompute the same ones
     if name == 'mish_bn_bwd':
-        g, y, w, mean, inv = a
+        g, y, w, _, _ = a
         y, w, b = y.clone().requires_grad_(), w.clone().requires_grad_(), torch.zeros_like(w, requires_grad=True)
         m = mish(y); mu, var = stats(m)
         z = (m - v(mu)) * v(torch.rsqrt(var + 1e-5) * w) + v(b)
         return torch.autograd.grad(z, (y, w, b), g)
     if name == 'bn_add_mish_bwd':
-        g, x, r, w, b, mean, inv = a
+        g, x, r, w, b, _, _ = a
         x, r, w, b = [t.clone().requires_grad_() for t in (x, r, w, b)]
         mu, var = stats(x)
         out = mish((x - v(mu)) * v(torch.rsqrt(var + 1e-5) * w) + v(b) + r)
@@ -306,3 +307,22 @@ def test_a_broken_compiler_is_named(tmp_path, monkeypatch):
     fake.write_text('#!/bin/sh\necho "fake compiler: no such flag" >&2\nexit 1\n'); fake.chmod(0o755)
     monkeypatch.setenv('CXX', str(fake)); monkeypatch.setenv('RES2NETPLUS_HOME', str(tmp_path/'cache'))
     with pytest.raises(RuntimeError, match='could not build the kernels.*fake compiler'): layers.build_kernels()
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_kernels_take_views_and_any_thread_count(channels_last):
+    "A narrowed (non-dense) input gives what its dense copy gives; one thread gives what two give"
+    if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    big = torch.randn(3, 40, 6, 7, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    y, w, b = big[:, 5:31], torch.rand(26) + 0.5, torch.randn(26)
+    assert not y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
+    dense = y.contiguous(memory_format=fmt)
+    for got, want in zip(layers._run_kernel('mish_bn_fwd', y, w, b, 1e-5), layers._run_kernel('mish_bn_fwd', dense, w, b, 1e-5)):
+        assert torch.equal(got, want)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layers._run_kernel('mish_bn_fwd', dense, w, b, 1e-5)
+    finally: torch.set_num_threads(threads)
+    for got, want in zip(one, layers._run_kernel('mish_bn_fwd', dense, w, b, 1e-5)):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
