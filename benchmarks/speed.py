@@ -145,14 +145,24 @@ def run_infer(args, cfg):
     return res
 
 def run_train(args, cfg):
+    """Training steps, NCHW and channels_last on a CPU (channels_last only on a GPU). A channels_last column also times
+    resnet50 in NCHW, the layout a user gets by default, and gives every model's ratio against it"""
     res = {}
-    cl = args.device == 'cuda'
     for bs, size in cfg['train']:
-        col = f"train b{bs}@{size}{' channels_last' if cl else ''}"
-        print(f'{col} …', file=sys.stderr, flush=True)
-        runners = [Runner(m, 'train', bs, size, args.device, cl, cfg['amp']) for m in TRAIN_MODELS]
-        res[col] = summarize(interleaved(runners, cfg['rounds'], cfg['iters'], warmup=1 if args.quick else 2), bs)
-        del runners
+        for cl in ((True,) if args.device == 'cuda' else (False, True)):
+            col = f"train b{bs}@{size}{' channels_last' if cl else ''}"
+            print(f'{col} …', file=sys.stderr, flush=True)
+            runners = [Runner(m, 'train', bs, size, args.device, cl, cfg['amp']) for m in TRAIN_MODELS]
+            if cl and args.device != 'cuda':
+                nchw = Runner(BASE, 'train', bs, size, args.device, False, cfg['amp'])
+                nchw.name = f'{BASE} NCHW'
+                runners.append(nchw)
+            times = interleaved(runners, cfg['rounds'], cfg['iters'], warmup=1 if args.quick else 2)
+            res[col] = summarize(times, bs)
+            if f'{BASE} NCHW' in times:
+                for m, s in res[col].items():
+                    s[f'ratio vs {BASE} NCHW'] = statistics.median(t / b for t, b in zip(times[m], times[f'{BASE} NCHW']))
+            del runners
     return res
 
 def _rss_kb():
@@ -298,6 +308,10 @@ def main():
         if not cols: continue
         models = list(dict.fromkeys(m for c in cols for m in results[c]))
         print(table(title, cols, results, models, img_s=img_s and 'memory' not in pick))
+        for c in cols:
+            against = {m: st[f'ratio vs {BASE} NCHW'] for m, st in results[c].items() if f'ratio vs {BASE} NCHW' in st}
+            if against and pick == 'train b':
+                print(f'\n{c}, against {BASE} NCHW: ' + ', '.join(f'{m} {r:.2f}×' for m, r in against.items()))
         if pick == 'compiled infer':
             for c in cols:
                 compiled = {m: s for m, s in results[c].items() if 'graph_breaks' in s}

@@ -265,10 +265,34 @@ def _reference_kernel(name, *a):
     raise KeyError(name)
 
 @pytest.mark.parametrize('channels_last', [False, True])
-@pytest.mark.parametrize('shape', [(2, 7, 5, 3), (3, 26, 4, 4), (2, 40, 9, 9), (2, 3, 1, 1)])
+@pytest.mark.parametrize('shape', [(2, 7, 5, 3), (3, 26, 4, 4), (2, 40, 9, 9), (2, 3, 1, 1), (2, 16, 8, 8)])
 def test_each_kernel_equals_pytorch(shape, channels_last):
     "Every fused kernel against PyTorch's ops in float64, on sizes with partial vectors (channels, rows) in both layouts"
     if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    check_each_kernel(shape, channels_last)
+
+def _cpu_flags() -> set:
+    try:
+        with open('/proc/cpuinfo') as f: return set(next((l for l in f if l.startswith('flags')), '').split())
+    except OSError: return set()
+
+# the kernels' code paths besides AVX-512: plain vector code (division, no FMA) and AVX2's reciprocal estimate with FMA
+OTHER_ISAS = {'x86-64 (no AVX)': (['-O3', '-march=x86-64'], set()), 'AVX2 + FMA': (['-O3', '-march=haswell'], {'avx2', 'fma'})}
+
+@pytest.mark.parametrize('isa', OTHER_ISAS)
+def test_kernels_built_for_other_instruction_sets_equal_pytorch(isa, tmp_path, monkeypatch):
+    import platform
+    flags, needs = OTHER_ISAS[isa]
+    if platform.machine() not in ('x86_64', 'AMD64'): pytest.skip('an x86 build')
+    if not needs <= _cpu_flags(): pytest.skip(f'this CPU lacks {needs - _cpu_flags()}')
+    if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    monkeypatch.setenv('RES2NETPLUS_HOME', str(tmp_path))
+    monkeypatch.setattr(layers, '_BUILD_FLAGS', (flags,))
+    monkeypatch.setitem(layers._fast, 'lib', layers.build_kernels())
+    for shape in [(2, 7, 5, 3), (3, 26, 4, 4), (2, 16, 8, 8)]:
+        for channels_last in (False, True): check_each_kernel(shape, channels_last)
+
+def check_each_kernel(shape, channels_last):
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     t = lambda *s, scale=2.: (torch.randn(*s, generator=g) * scale).contiguous(memory_format=fmt)
