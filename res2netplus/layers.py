@@ -184,6 +184,7 @@ def _mish(y:torch.Tensor) -> torch.Tensor:
 _KERNELS = dict(mish_bn_fwd=('TVVf', 1, 3), mish_bn_apply=('TVVVV', 1, 0), mish_bn_bwd=('TTVVV', 1, 2),
                 bn_add_mish_fwd=('TTVVf', 1, 3), bn_add_mish_bwd=('TTTVVVV', 2, 2),
                 mish_affine=('TVV', 1, 0), affine_add_mish=('TVVT', 1, 0))
+_SCRATCH = dict(mish_bn_bwd=1)  # 4-D work arrays a kernel needs, passed after its 4-D outputs: allocated here, so running out of memory raises
 # -march=native: the library is built for, and cached per, this machine's instruction set
 _BUILD_FLAGS = (['-O3', '-march=native', '-fopenmp'], ['-O3', '-fopenmp'], ['-O3'])
 
@@ -228,8 +229,9 @@ def build_kernels(verbose:bool=False) -> ctypes.CDLL:
         if verbose: print(f'fused kernels: {lib}')
         dll = ctypes.CDLL(str(lib))
         ctype = dict(T=ctypes.c_void_p, V=ctypes.c_void_p, f=ctypes.c_float)
-        for name, (args, n_t, n_v) in _KERNELS.items():  # inputs, outputs, then N, C, H·W, channels_last, threads
-            getattr(dll, name).argtypes = [ctype[a] for a in args] + [ctypes.c_void_p] * (n_t + n_v) + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+        for name, (args, n_t, n_v) in _KERNELS.items():  # inputs, outputs (and scratch), then N, C, H·W, channels_last, threads
+            n_out = n_t + _SCRATCH.get(name, 0) + n_v
+            getattr(dll, name).argtypes = [ctype[a] for a in args] + [ctypes.c_void_p] * n_out + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
             getattr(dll, name).restype = None
         return dll
     raise RuntimeError(f'{cxx} could not build the kernels: ' + ' | '.join(errors))
@@ -258,8 +260,10 @@ def _run_kernel(name:str, *args):
         if a.dtype != torch.float32: return None
         dense.append(a); ptrs.append(a.data_ptr())
     n, c, h, w = first.shape
+    scratch = [torch.empty(first.shape, memory_format=fmt) for _ in range(_SCRATCH.get(name, 0))]
     outs = [torch.empty(first.shape, memory_format=fmt) for _ in range(n_t)] + [torch.empty(c) for _ in range(n_v)]
-    call = lambda: getattr(lib, name)(*ptrs, *[o.data_ptr() for o in outs], n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())
+    out_ptrs = [o.data_ptr() for o in outs[:n_t] + scratch + outs[n_t:]]
+    call = lambda: getattr(lib, name)(*ptrs, *out_ptrs, n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())
     if torch.autograd.profiler._is_profiler_enabled:  # torch.profiler does not see a ctypes call: name it
         with torch.profiler.record_function(f'res2netplus::{name}'): call()
     else: call()

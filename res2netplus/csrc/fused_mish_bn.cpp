@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#include <memory>
 #include <cmath>
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -249,16 +248,15 @@ void mish_bn_apply(const float *y, const float *w, const float *b, const float *
 }
 
 // Mish's derivative is computed once, in the first pass, and kept in gy (which the second pass overwrites) with x̂
-// in a scratch array: the second pass then needs no exp
+// in `xhat`, a scratch array of y's size: the second pass then needs no exp
 void mish_bn_bwd(const float *g, const float *y, const float *w, const float *mean, const float *invstd, float *gy,
-                 float *gw, float *gb, i64 N, i64 C, i64 S, int cl, int nt) {
+                 float *xhat, float *gw, float *gb, i64 N, i64 C, i64 S, int cl, int nt) {
   Shape s{N, C, S, cl, nt};
   std::vector<float> gm(C), gxm(C), k(C);
-  std::unique_ptr<float[]> xhat(new float[(size_t)(N * C * S)]);
   for (i64 c = 0; c < C; c++) k[c] = invstd[c] * w[c];
   float *pm = gm.data(), *px = gxm.data(); double n = (double)N * S;
-  const float *in1[] = {g, y}, *par1[] = {mean, invstd}, *in2[] = {g, gy, xhat.get()}, *par2[] = {pm, px, k.data()};
-  float *out1[] = {gy, xhat.get()}, *out2[] = {gy};
+  const float *in1[] = {g, y}, *par1[] = {mean, invstd}, *in2[] = {g, gy, xhat}, *par2[] = {pm, px, k.data()};
+  float *out1[] = {gy, xhat}, *out2[] = {gy};
   reduce_map<2, 2, 2, 3, 1, 3>(s, in1, out1, par1, [](V *x, V *o, V *p, V &u, V &v) {
       V m, d = mish_grad(x[1], m);
       V xh = (m - p[0]) * p[1];
