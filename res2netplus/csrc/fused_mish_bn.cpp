@@ -65,16 +65,15 @@ static inline V vexp(V x) {
 static inline V recip(V d) {
 #if defined(__AVX512F__)
   V r = (V)_mm512_rcp14_ps((__m512)d);
+  return r * (2.f - d * r);
 #elif defined(__AVX__)
   __m256 h[2]; std::memcpy(h, &d, sizeof(V));
   h[0] = _mm256_rcp_ps(h[0]); h[1] = _mm256_rcp_ps(h[1]);
   V r; std::memcpy(&r, h, sizeof(V));
-  r = r * (2.f - d * r);  // the AVX estimate has 12 bits, AVX-512's 14: one more step
+  r = r * (2.f - d * r);  // AVX's estimate has 12 bits, AVX-512's 14: one more step
+  return r * (2.f - d * r);
 #else
   return 1.f / d;
-#endif
-#if defined(__AVX512F__) || defined(__AVX__)
-  return r * (2.f - d * r);
 #endif
 }
 // Mish from one exp: tanh(softplus(y)) = n/(n+2), n = e(e+2)
