@@ -65,6 +65,7 @@ def test_segmentation_dataloaders_and_unet_options(seg_dls):
     "fastai's SegmentationDataLoaders; U-Net with self-attention and blur; one-channel input"
     learn = res2netplus_seg_learner(seg_dls, res2netplus50, head='unet', self_attention=True, blur=True, mix=None)
     assert any('SelfAttention' in type(m).__name__ for m in learn.model.modules())
+    assert not any(type(cb).__name__ == 'ChannelsLast' for cb in learn.cbs)  # on a CPU a U-Net step ran slower channels_last
     learn.fit(1, 1e-3)
     assert torch.isfinite(torch.tensor(learn.recorder.losses)).all()
     del learn; gc.collect()  # one 339 M-parameter U-Net with its optimiser state at a time
