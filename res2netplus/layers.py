@@ -89,7 +89,7 @@ class Bottle2neck(nn.Module):
     def zero_init_last(self): nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x):
-        with _lean_saves(x):  # the splits, their sums and the concatenation are rebuilt in the backward pass, not kept
+        with _lean_saves(x):  # the splits and their sums are rebuilt in the backward pass, not kept
             out = conv_act_norm(self.conv1, self.bn1, self.act, x, self.bn_1st)
             splits = _split(out, self.width)
             outs, sp = [], splits[0]
@@ -98,7 +98,9 @@ class Bottle2neck(nn.Module):
                 sp = conv_act_norm(conv, bn, self.act, sp, self.bn_1st)
                 outs.append(sp)
             if self.scale > 1: outs.append(splits[-1] if self.pool is None else _derived(self.pool, splits[-1]))
-            out = self.conv3(_derived(torch.cat, outs, 1))
+            cat = torch.cat(outs, 1)  # kept: rebuilding it for conv3 cost more time than its memory is worth
+            for i, o in enumerate(outs[:-1]): _rebuild_as_slice(o, cat, i * self.width)
+            out = self.conv3(cat)
             shortcut = x if self.downsample is None else self.downsample(x)
             return norm_add_act(self.bn3, self.act, out, shortcut, self.drop_path)
 
@@ -368,6 +370,11 @@ def _split(t:torch.Tensor, size:int) -> tuple:
     if r is not None:
         for i, p in enumerate(pieces): _remember(p, r.narrow(i * size, p.shape[1]))
     return pieces
+
+def _rebuild_as_slice(t:torch.Tensor, kept:torch.Tensor, start:int):
+    "A recomputable `t` that is also channels `start:` of `kept`, a tensor autograd keeps: rebuild it as that view, not recompute it"
+    r = _recipe_of(t) if _recipes else None
+    if r is not None: r.fn, r.args, r.per_channel = torch.narrow, (kept, 1, start, t.shape[1]), False
 
 def _pack(t):
     r = _recipe_of(t) if _recipes else None

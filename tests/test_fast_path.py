@@ -175,13 +175,13 @@ def activation_bytes(model, fn, monkeypatch=None):
     return sum(seen.values()), len(calls)
 
 def test_rebuilt_activations_cut_what_training_keeps(plus, monkeypatch):
-    "Mish + BatchNorm outputs, the splits, their sums and the concatenation are rebuilt in the backward pass, not kept"
+    "Mish + BatchNorm outputs, the splits and their sums are rebuilt in the backward pass, not kept (each block's concatenation is)"
     m = copy.deepcopy(plus).train()
     x = torch.randn(2, 3, 64, 64)
     kept_all, n_all = activation_bytes(m, lambda: m(x))
     kept, n = activation_bytes(m, lambda: m(x), monkeypatch)
     assert n >= 0.9 * n_all  # the package's hooks saw (nearly) every saved tensor: all but the classifier head's
-    assert kept <= 0.78 * kept_all, (kept, kept_all)  # 655 MB against 891 MB at batch 8, 224 px
+    assert kept <= 0.83 * kept_all, (kept, kept_all)  # 0.81 here; 0.74 when the concatenation was rebuilt too
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_rebuilt_activations_give_the_kept_ones_gradients(plus, channels_last):
