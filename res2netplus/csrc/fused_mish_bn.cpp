@@ -196,13 +196,13 @@ static void reduce_map(const Shape &s, const float *const *in1, float *const *ou
     V p[(NP1 > NP2 ? NP1 : NP2) + 1];
     double a = 0., b = 0.;
     for (int j = 0; j < NP1; j++) p[j] = splat(par1[j][c]);
-    for (i64 n = 0; n < s.N; n++) {
-      V ua{}, va{};
+    V ua{}, va{};
+    i64 since_flush = 0;
+    for (i64 n = 0; n < s.N; n++) {  // float sums over 1024 elements or more, then double: short rows share a flush
       row<NI1, NO1>(in1, out1, (n * s.C + c) * s.S, s.S, p, f1, ua, va);
-      a += hsum(ua); b += hsum(va);
+      if ((since_flush += s.S) >= 1024 || n == s.N - 1) { a += hsum(ua); b += hsum(va); ua = V{}; va = V{}; since_flush = 0; }
     }
     coef(c, a, b);
-    V ua{}, va{};
     for (int j = 0; j < NP2; j++) p[j] = splat(par2[j][c]);
     for (i64 n = 0; n < s.N; n++) row<NI2, NO2>(in2, out2, (n * s.C + c) * s.S, s.S, p, f2, ua, va);
   }
