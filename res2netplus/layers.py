@@ -372,7 +372,8 @@ def _split(t:torch.Tensor, size:int) -> tuple:
     return pieces
 
 def _rebuild_as_slice(t:torch.Tensor, kept:torch.Tensor, start:int):
-    "A recomputable `t` that is also channels `start:` of `kept`, a tensor autograd keeps: rebuild it as that view, not recompute it"
+    """A recomputable `t` that is also channels `start:` of `kept`, a tensor autograd keeps: rebuild it as that view, not
+    recompute it. Its recipe is changed in place, so the recipes already built from it (a split sum's) take the view too"""
     r = _recipe_of(t) if _recipes else None
     if r is not None: r.fn, r.args, r.per_channel = torch.narrow, (kept, 1, start, t.shape[1]), False
 
