@@ -375,7 +375,9 @@ def _rebuild_as_slice(t:torch.Tensor, kept:torch.Tensor, start:int):
     """A recomputable `t` that is also channels `start:` of `kept`, a tensor autograd keeps: rebuild it as that view, not
     recompute it. Its recipe is changed in place, so the recipes already built from it (a split sum's) take the view too"""
     r = _recipe_of(t) if _recipes else None
-    if r is not None: r.fn, r.args, r.per_channel = torch.narrow, (kept, 1, start, t.shape[1]), False
+    # detached: `kept` comes after the nodes that hold this recipe, so its history would tie them into a reference
+    # cycle, and a forward pass with no backward pass (which frees the recipes) would never free its graph
+    if r is not None: r.fn, r.args, r.per_channel = torch.narrow, (kept.detach(), 1, start, t.shape[1]), False
 
 def _pack(t):
     r = _recipe_of(t) if _recipes else None
@@ -413,7 +415,7 @@ class MishBatchNorm(torch.autograd.Function):
         else: z, mean, invstd = _a_mish_bn_fwd(y, weight, bias, bn.eps, bn.running_mean, bn.running_var, momentum)
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps, ctx.compiled = bn.eps, res is not None
-        recipe = _Recompute(_mish_bn_apply, (ctx.compiled, y, weight.detach(), bias.detach(), mean, invstd, _fmt(y)), per_channel=True)
+        recipe = _Recompute(_mish_bn_apply, (ctx.compiled, y.detach(), weight.detach(), bias.detach(), mean, invstd, _fmt(y)), per_channel=True)
         return _remember(z, recipe)
 
     @staticmethod

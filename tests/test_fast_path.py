@@ -1,5 +1,5 @@
 "The fused Mish + BatchNorm paths (`'compiled'`, `'aten'`) against the straightforward modules (`'reference'`)"
-import copy, warnings
+import copy, gc, warnings, weakref
 import pytest, torch
 from torch import nn
 from res2netplus import layers
@@ -201,6 +201,22 @@ def test_rebuilt_activations_serve_a_retained_graph_twice(plus):
     first = torch.autograd.grad(out, list(m.parameters()), retain_graph=True)
     second = torch.autograd.grad(out, list(m.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+@pytest.mark.parametrize('path', ['aten', 'compiled'])
+@pytest.mark.parametrize('backward', ['none', 'head only'])
+def test_a_graph_with_no_full_backward_pass_is_freed(plus, path, backward):
+    "Training-mode outputs dropped without a backward pass through the blocks (a skipped step, an error, a gradient of the head only) free the graph"
+    m = copy.deepcopy(plus).train()
+    kept = []
+    for block in (m.layer1[0], m.layer1[1]):  # a first block (pooled last split) and a plain one (split sums)
+        block.conv3.register_forward_hook(lambda mod, inp, out: kept.append(weakref.ref(inp[0])))
+    with fast_path(path):
+        out = m(torch.randn(2, 3, 64, 64)).sum()
+        if backward == 'head only': torch.autograd.grad(out, list(m.fc.parameters()))
+    assert len(kept) == 2 and all(r() is not None for r in kept)
+    del out
+    gc.collect()
+    assert all(r() is None for r in kept), 'the graph (and every activation it keeps) outlived its output'
 
 def test_users_saved_tensor_hooks_and_checkpointing_are_left_alone(plus, monkeypatch):
     from torch.utils.checkpoint import checkpoint
