@@ -10,7 +10,7 @@ from pathlib import Path
 from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
+import functools
 from timm.layers import DropPath
 import torch.nn.functional as F
 from timm.models.resnet import downsample_avg, downsample_conv
@@ -383,7 +383,28 @@ def _pack(t):
     r = _recipe_of(t) if _recipes else None
     return t if r is None else r
 
-def _unpack(p): return p() if isinstance(p, _Recompute) else p
+_FIRST_ORDER = ("res2netplus's memory-lean Mish + BatchNorm training path gives first derivatives only. For gradients of "
+                "gradients (create_graph=True: a gradient penalty, MAML), run the model under fast_path('reference') "
+                "(or set_fast_path('reference'), RES2NETPLUS_FAST_PATH=reference).")
+
+def _first_order_only(ts:tuple) -> tuple:
+    "`ts` as they are, but under `create_graph=True` differentiating through them raises `_FIRST_ORDER`"
+    if not torch.is_grad_enabled(): return ts
+    marked = torch._C._functions.DelayedError(_FIRST_ORDER.encode(), len(ts))(
+        *[t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in ts])
+    return marked if isinstance(marked, tuple) else (marked,)
+
+def _once_differentiable(backward):
+    "`torch.autograd.function.once_differentiable` whose error, on a second derivative, names the fix"
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad(): grads_in = backward(ctx, *grads)
+        return _first_order_only(grads_in)
+    return wrapper
+
+def _unpack(p):
+    "A saved tensor, rebuilt from its recipe: without its history, so under `create_graph=True` it is marked first-order only"
+    return p if not isinstance(p, _Recompute) else _first_order_only((p(),))[0]
 
 def _outer_hooks() -> bool:
     "Whether saved-tensor hooks (checkpointing, offloading, or ours further out) are active; True where torch cannot tell"
@@ -419,7 +440,7 @@ class MishBatchNorm(torch.autograd.Function):
         return _remember(z, recipe)
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, g):
         y, w, mean, invstd = ctx.saved_tensors
         g = g.contiguous(memory_format=_fmt(y))
@@ -443,7 +464,7 @@ class BatchNormAddMish(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, g):
         c, r, w, b, mean, invstd = ctx.saved_tensors
         g = g.contiguous(memory_format=_fmt(c))

@@ -218,6 +218,25 @@ def test_a_graph_with_no_full_backward_pass_is_freed(plus, path, backward):
     gc.collect()
     assert all(r() is None for r in kept), 'the graph (and every activation it keeps) outlived its output'
 
+@pytest.mark.parametrize('path', ['aten', 'compiled'])
+def test_second_derivatives_raise_an_error_that_names_the_fix(plus, path):
+    "create_graph=True gives the usual first derivatives; differentiating them again says to use the reference path, which works"
+    m, x = copy.deepcopy(plus).train(), torch.randn(2, 3, 64, 64)
+    def input_grad(create_graph):
+        xi = x.clone().requires_grad_()
+        return torch.autograd.grad(m(xi).square().sum(), xi, create_graph=create_graph)[0]
+    fix = r"first derivatives only.*fast_path\('reference'\)"
+    with fast_path(path):
+        g = input_grad(True)
+        torch.testing.assert_close(g, input_grad(False), rtol=1e-5, atol=1e-8)
+        with pytest.raises(RuntimeError, match=fix): g.square().sum().backward()  # a gradient penalty
+        grads = torch.autograd.grad(m(x).square().sum(), list(m.parameters()), create_graph=True)
+        with pytest.raises(RuntimeError, match=fix): sum(gw.square().sum() for gw in grads).backward()  # MAML's outer step
+    with fast_path('reference'):
+        m.zero_grad()
+        input_grad(True).square().sum().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.layer1.parameters())
+
 def test_users_saved_tensor_hooks_and_checkpointing_are_left_alone(plus, monkeypatch):
     from torch.utils.checkpoint import checkpoint
     m, x = copy.deepcopy(plus), torch.randn(2, 3, 64, 64)
