@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_layers.ipynb #4e10edec
 from __future__ import annotations
-import ctypes, hashlib, math, os, platform, shutil, subprocess, tempfile, warnings, weakref
+import ctypes, hashlib, math, os, platform, shutil, subprocess, tempfile, threading, warnings, weakref
 from importlib.resources import as_file, files
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
@@ -89,7 +89,7 @@ class Bottle2neck(nn.Module):
     def zero_init_last(self): nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x):
-        with _lean_saves(x):  # the splits and their sums are rebuilt in the backward pass, not kept
+        with _lean_saves(x, self.act, self.bn_1st):  # the splits and their sums are rebuilt in the backward pass, not kept
             out = conv_act_norm(self.conv1, self.bn1, self.act, x, self.bn_1st)
             splits = _split(out, self.width)
             outs, sp = [], splits[0]
@@ -220,7 +220,7 @@ def build_kernels(verbose:bool=False) -> ctypes.CDLL:
         lib = _kernel_cache()/f'fused_mish_bn-{key}.so'
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
-            tmp = lib.with_name(f'{lib.name}.{os.getpid()}.tmp')  # a finished library appears at once: parallel builds do not clash
+            tmp = lib.with_name(f'{lib.name}.{os.getpid()}.{threading.get_ident()}.tmp')  # a finished library appears at once: parallel builds do not clash
             with as_file(source) as path:
                 res = subprocess.run([cxx, *flags, str(path), '-o', str(tmp)], capture_output=True, text=True)
             if res.returncode:
@@ -241,12 +241,16 @@ def build_kernels(verbose:bool=False) -> ctypes.CDLL:
 def _kernels() -> ctypes.CDLL|None:
     "The kernels, built on first use; None (after one warning) where this machine cannot build them"
     if _fast['lib'] is None and _fast['failed'] is None:
-        try: _fast['lib'] = build_kernels()
-        except Exception as e:
-            _fast['failed'] = e
-            warnings.warn(f"res2netplus could not build its fused Mish kernels ({type(e).__name__}: {e}); it falls back to "
-                          "PyTorch's kernels (same results, slower). set_fast_path('aten') silences this.")
+        with _build_lock:  # threads that start training at once build them once
+            if _fast['lib'] is None and _fast['failed'] is None:
+                try: _fast['lib'] = build_kernels()
+                except Exception as e:
+                    _fast['failed'] = e
+                    warnings.warn(f"res2netplus could not build its fused Mish kernels ({type(e).__name__}: {e}); it falls back to "
+                                  "PyTorch's kernels (same results, slower). set_fast_path('aten') silences this.")
     return _fast['lib']
+
+_build_lock = threading.Lock()
 
 def _run_kernel(name:str, *args):
     "Run the fused kernel `name` on CPU float32 tensors; None where the kernels are not available (PyTorch's then run)"
@@ -262,8 +266,9 @@ def _run_kernel(name:str, *args):
         if a.dtype != torch.float32: return None
         dense.append(a); ptrs.append(a.data_ptr())
     n, c, h, w = first.shape
-    scratch = [torch.empty(first.shape, memory_format=fmt) for _ in range(_SCRATCH.get(name, 0))]
-    outs = [torch.empty(first.shape, memory_format=fmt) for _ in range(n_t)] + [torch.empty(c) for _ in range(n_v)]
+    f32 = dict(dtype=torch.float32, device='cpu')  # not the default dtype, which a user may have set to float64
+    scratch = [torch.empty(first.shape, memory_format=fmt, **f32) for _ in range(_SCRATCH.get(name, 0))]
+    outs = [torch.empty(first.shape, memory_format=fmt, **f32) for _ in range(n_t)] + [torch.empty(c, **f32) for _ in range(n_v)]
     out_ptrs = [o.data_ptr() for o in outs[:n_t] + scratch + outs[n_t:]]
     call = lambda: getattr(lib, name)(*ptrs, *out_ptrs, n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())
     if torch.autograd.profiler._is_profiler_enabled:  # torch.profiler does not see a ctypes call: name it
@@ -271,17 +276,27 @@ def _run_kernel(name:str, *args):
     else: call()
     return outs[0] if len(outs) == 1 else tuple(outs)
 
+from torch.nn.modules import module as _module
+
 def _hooked(*mods) -> bool:
-    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+    "Whether a module hook would see these modules run: their own (forward or backward) or a global one"
+    if (_module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks): return True
+    return any(m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+               for m in mods)
+
+def _is_plain(m:nn.Module, cls:type) -> bool:
+    "`m` is a `cls` that computes what `cls` does: a subclass that overrides `forward` is run as it is"
+    return isinstance(m, cls) and type(m).forward is cls.forward
 
 def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
-    if _fast['path'] == 'reference' or _exporting() or not isinstance(act, nn.Mish) or y.dim() != 4: return 'reference'
+    if _fast['path'] == 'reference' or _exporting() or not _is_plain(act, nn.Mish) or y.dim() != 4: return 'reference'
     # measured and tested on CPU float32; mixed precision (autocast, fp16/bf16 tensors) and GPUs keep PyTorch's own modules
     if y.device.type != 'cpu' or y.dtype != torch.float32 or torch.is_autocast_enabled(y.device.type): return 'reference'
-    if _hooked(act, norm): return 'reference'  # forward hooks (fastai's ActivationStats, say) see every module run
+    if _hooked(act, norm): return 'reference'  # module hooks (fastai's ActivationStats, Grad-CAM) see every module run
     if torch.compiler.is_compiling(): return 'formula'  # torch.compile, not export: plain ops the compiler fuses
-    if isinstance(norm, nn.BatchNorm2d) and not norm.affine: return 'reference'
-    if not isinstance(norm, (nn.BatchNorm2d, nn.Identity)): return 'reference'
+    if torch._C._are_functorch_transforms_active(): return 'reference'  # torch.func (vmap, grad) runs PyTorch's ops
+    if not (_is_plain(norm, nn.BatchNorm2d) and norm.affine) and not _is_plain(norm, nn.Identity): return 'reference'
     return 'compiled' if _fast['path'] == 'compiled' and _fast['failed'] is None else 'aten'
 
 def _momentum(bn:nn.BatchNorm2d) -> float:
@@ -290,8 +305,12 @@ def _momentum(bn:nn.BatchNorm2d) -> float:
     bn.num_batches_tracked.add_(1)
     return 1. / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
+def _running(bn:nn.BatchNorm2d) -> tuple:
+    "The running statistics a training-mode BatchNorm updates: none where it does not track them (nn.BatchNorm's rule)"
+    return (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
+
 def _update_running(bn, mean, var, momentum, n):
-    if bn.running_mean is None: return
+    if _running(bn)[0] is None: return
     bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
     bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
 
@@ -319,8 +338,10 @@ def _fmt(t):
 # %% ../nbs/00_layers.ipynb #b7e1c202
 class _Recompute:
     "How to rebuild a saved activation in the backward pass: `fn(*args)`, where args may be `_Recompute`s or lists of them"
-    __slots__ = ('fn', 'args', 'per_channel')
-    def __init__(self, fn, args, per_channel:bool=False): self.fn, self.args, self.per_channel = fn, args, per_channel
+    __slots__ = ('fn', 'args', 'per_channel', 'versions', 'fallback')
+    def __init__(self, fn, args, per_channel:bool=False, versions=None):
+        self.fn, self.args, self.per_channel, self.fallback = fn, args, per_channel, None
+        self.versions = _versions(args) if versions is None else versions
 
     @staticmethod
     def _eval(a):
@@ -328,24 +349,45 @@ class _Recompute:
         return [_Recompute._eval(o) for o in a] if isinstance(a, list) else a
 
     def __call__(self):
+        for a, v in zip(self.args, self.versions):
+            if v is not None and a._version != v:
+                if self.fallback is not None: return self.fallback()
+                raise _modified_in_place(a, v)
         with torch.no_grad(): return self.fn(*[self._eval(a) for a in self.args])
 
     def narrow(self, start:int, length:int) -> _Recompute:
         "Channels `start:start+length`: a per-channel recipe (Mish + BatchNorm) computes only those"
         if not self.per_channel: return _Recompute(torch.narrow, (self, 1, start, length))
         return _Recompute(self.fn, [a.narrow(1 if a.dim() == 4 else 0, start, length) if isinstance(a, torch.Tensor) else a
-                                    for a in self.args], per_channel=True)
+                                    for a in self.args], per_channel=True, versions=self.versions)
 
-_recipes = {}  # id(tensor) -> (weak reference to it, its _Recompute); an entry goes when its tensor does
+def _version(t:torch.Tensor) -> int|None:
+    "How often `t` was changed in place (None for an inference-mode tensor, which nothing can save for a backward pass)"
+    return None if t.is_inference() else t._version
+
+def _versions(args) -> tuple:
+    "The versions of a recipe's tensors: an in-place change to one before the backward pass must not go unnoticed"
+    return tuple(_version(a) if isinstance(a, torch.Tensor) else None for a in args)
+
+def _modified_in_place(t:torch.Tensor, expected:int) -> RuntimeError:
+    "autograd's own error for a saved tensor changed in place, which its check (skipped under saved-tensor hooks) would give"
+    return RuntimeError(
+        f"one of the variables needed for gradient computation has been modified by an inplace operation: a "
+        f"{t.dtype} tensor of shape {list(t.shape)} is at version {t._version}; expected version {expected} instead. "
+        "It was saved by res2netplus's memory-lean training path: change activations out of place (x = x * 2, not "
+        "x.mul_(2)) between the forward and backward passes, or run the model under fast_path('reference').")
+
+_recipes = {}  # id(tensor) -> (weak reference to it, its _Recompute, its version); an entry goes when its tensor does
 
 def _remember(t:torch.Tensor, recipe:_Recompute) -> torch.Tensor:
     key = id(t)
-    _recipes[key] = (weakref.ref(t, lambda _, key=key: _recipes.pop(key, None)), recipe)
+    _recipes[key] = (weakref.ref(t, lambda _, key=key: _recipes.pop(key, None)), recipe, _version(t))
     return t
 
 def _recipe_of(t:torch.Tensor) -> _Recompute|None:
+    "`t`'s recipe, if it has one and has not been changed in place since (a hook may have)"
     entry = _recipes.get(id(t))
-    return entry[1] if entry is not None and entry[0]() is t else None
+    return entry[1] if entry is not None and entry[0]() is t and _version(t) == entry[2] else None
 
 def _recipe_of_arg(a):
     "The recipe of an argument: a tensor's, a list of its tensors' (None if any has none), or the value itself"
@@ -377,11 +419,18 @@ def _rebuild_as_slice(t:torch.Tensor, kept:torch.Tensor, start:int):
     r = _recipe_of(t) if _recipes else None
     # detached: `kept` comes after the nodes that hold this recipe, so its history would tie them into a reference
     # cycle, and a forward pass with no backward pass (which frees the recipes) would never free its graph
-    if r is not None: r.fn, r.args, r.per_channel = torch.narrow, (kept.detach(), 1, start, t.shape[1]), False
+    if r is not None:
+        r.fallback = _Recompute(r.fn, r.args, r.per_channel, r.versions)  # for a `kept` changed in place (by a conv3 pre-hook)
+        r.fn, r.args, r.per_channel = torch.narrow, (kept.detach(), 1, start, t.shape[1]), False
+        r.versions = _versions(r.args)
 
 def _pack(t):
+    # A recipe rebuilds the value its consumer saw, whatever happens to the tensor later. A kept tensor is detached: a
+    # saved output holding its own grad_fn would tie its node into a reference cycle that no garbage collector frees
+    # (autograd gives the unpacked tensor its history back). Its version is checked on unpacking, as autograd does
+    # itself where no saved-tensor hooks are on.
     r = _recipe_of(t) if _recipes else None
-    return t if r is None else r
+    return (t.detach(), t._version) if r is None else r
 
 _FIRST_ORDER = ("res2netplus's memory-lean Mish + BatchNorm training path gives first derivatives only. For gradients of "
                 "gradients (create_graph=True: a gradient penalty, MAML), run the model under fast_path('reference') "
@@ -402,19 +451,22 @@ def _once_differentiable(backward):
         return _first_order_only(grads_in)
     return wrapper
 
-def _unpack(p):
-    "A saved tensor, rebuilt from its recipe: without its history, so under `create_graph=True` it is marked first-order only"
-    return p if not isinstance(p, _Recompute) else _first_order_only((p(),))[0]
+def _unpack(p) -> torch.Tensor:
+    if isinstance(p, _Recompute): return p()
+    t, version = p
+    if t._version != version: raise _modified_in_place(t, version)
+    return t
 
 def _outer_hooks() -> bool:
     "Whether saved-tensor hooks (checkpointing, offloading, or ours further out) are active; True where torch cannot tell"
     top = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
     return top is None or top(True) is not None
 
-def _lean_saves(x:torch.Tensor):
-    "While a training forward pass runs where the fused kernels do: autograd keeps a recipe for each recomputable tensor instead of it"
-    if (_fast['path'] == 'reference' or not torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32
-        or _exporting() or torch.compiler.is_compiling() or _outer_hooks()): return nullcontext()
+def _lean_saves(x:torch.Tensor, act:nn.Module|None=None, bn_1st:bool=False):
+    "While a training forward pass runs where the fused kernels do (Mish before BatchNorm): autograd keeps a recipe for each recomputable tensor instead of it"
+    if (_fast['path'] == 'reference' or bn_1st or (act is not None and not _is_plain(act, nn.Mish)) or not torch.is_grad_enabled()
+        or x.device.type != 'cpu' or x.dtype != torch.float32 or _exporting() or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active() or _outer_hooks()): return nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 def _mish_bn_apply(compiled:bool, y, w, b, mean, invstd, fmt) -> torch.Tensor:
@@ -433,10 +485,10 @@ class MishBatchNorm(torch.autograd.Function):
         if res is not None:
             z, mean, var, invstd = res
             _update_running(bn, mean, var, momentum, n)
-        else: z, mean, invstd = _a_mish_bn_fwd(y, weight, bias, bn.eps, bn.running_mean, bn.running_var, momentum)
+        else: z, mean, invstd = _a_mish_bn_fwd(y, weight, bias, bn.eps, *_running(bn), momentum)
         ctx.save_for_backward(y, weight, mean, invstd)
         ctx.eps, ctx.compiled = bn.eps, res is not None
-        recipe = _Recompute(_mish_bn_apply, (ctx.compiled, y.detach(), weight.detach(), bias.detach(), mean, invstd, _fmt(y)), per_channel=True)
+        recipe = _Recompute(_mish_bn_apply, (ctx.compiled, y.detach(), weight.detach().clone(), bias.detach().clone(), mean, invstd, _fmt(y)), per_channel=True)
         return _remember(z, recipe)
 
     @staticmethod
@@ -458,15 +510,16 @@ class BatchNormAddMish(torch.autograd.Function):
         if res is not None:
             out, mean, var, invstd = res
             _update_running(bn, mean, var, momentum, n)
-        else: out, mean, invstd = _a_bn_add_mish_fwd(c, r, weight, bias, bn.eps, bn.running_mean, bn.running_var, momentum)
-        ctx.save_for_backward(c, r, weight, bias, mean, invstd)
+        else: out, mean, invstd = _a_bn_add_mish_fwd(c, r, weight, bias, bn.eps, *_running(bn), momentum)
+        ctx.save_for_backward(c, r, weight, mean, invstd)
+        ctx.bias = bias.detach().clone()  # the forward pass's: BatchNorm's backward pass does not read the bias, so it may change
         ctx.eps, ctx.compiled = bn.eps, res is not None
         return out
 
     @staticmethod
     @_once_differentiable
     def backward(ctx, g):
-        c, r, w, b, mean, invstd = ctx.saved_tensors
+        (c, r, w, mean, invstd), b = ctx.saved_tensors, ctx.bias
         g = g.contiguous(memory_format=_fmt(c))
         res = _run_kernel('bn_add_mish_bwd', g, c, r, w, b, mean, invstd) if ctx.compiled else None
         gc, gr, gw, gb = res if res is not None else _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, ctx.eps)
@@ -505,6 +558,6 @@ class MaxPool2d(nn.MaxPool2d):
 class ConvActNorm(ConvLayer):
     "fastai's `ConvLayer` (same layers, same keys) whose conv → Mish → BatchNorm runs through `act_norm`"
     def forward(self, x):
-        if len(self) == 3 and isinstance(self[0], nn.Conv2d) and isinstance(self[1], nn.Mish):
+        if len(self) == 3 and isinstance(self[0], nn.Conv2d) and _is_plain(self[1], nn.Mish):
             with _lean_saves(x): return act_norm(self[1], self[2], self[0](x))
         return super().forward(x)

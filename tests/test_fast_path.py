@@ -204,12 +204,18 @@ def test_rebuilt_activations_serve_a_retained_graph_twice(plus):
 
 @pytest.mark.parametrize('path', ['aten', 'compiled'])
 @pytest.mark.parametrize('backward', ['none', 'head only'])
-def test_a_graph_with_no_full_backward_pass_is_freed(plus, path, backward):
+@pytest.mark.parametrize('arch', ['plus', 'plain'])
+def test_a_graph_with_no_full_backward_pass_is_freed(plus, path, backward, arch):
     "Training-mode outputs dropped without a backward pass through the blocks (a skipped step, an error, a gradient of the head only) free the graph"
-    m = copy.deepcopy(plus).train()
+    m = copy.deepcopy(plus).train() if arch == 'plus' else res2net50d(n_out=7).train()  # plain: ReLU, whose saved output once held its node
     kept = []
+    class Witness: pass
+    def watch(mod, inp, out):  # an object that lives exactly as long as conv3's graph node
+        w = Witness()
+        kept.append(weakref.ref(w))
+        out.grad_fn.register_hook(lambda *grads, w=w: None)
     for block in (m.layer1[0], m.layer1[1]):  # a first block (pooled last split) and a plain one (split sums)
-        block.conv3.register_forward_hook(lambda mod, inp, out: kept.append(weakref.ref(inp[0])))
+        block.conv3.register_forward_hook(watch)
     with fast_path(path):
         out = m(torch.randn(2, 3, 64, 64)).sum()
         if backward == 'head only': torch.autograd.grad(out, list(m.fc.parameters()))
@@ -236,6 +242,78 @@ def test_second_derivatives_raise_an_error_that_names_the_fix(plus, path):
         m.zero_grad()
         input_grad(True).square().sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.layer1.parameters())
+
+def test_in_place_changes_give_the_reference_gradients_or_its_error(plus):
+    "autograd skips its in-place check under saved-tensor hooks: the package's hooks check versions themselves"
+    x = torch.randn(2, 3, 64, 64)
+    def grads_with(path, setup=None, between=None):
+        m = copy.deepcopy(plus).train()
+        if setup: setup(m)
+        with fast_path(path):
+            out = m(x)
+            if between: between(m)  # between the forward and the backward pass
+            out.square().sum().backward()
+        return {n: p.grad for n, p in m.named_parameters()}
+    # a pre-hook on conv3 scales the kept concatenation that the split outputs are rebuilt from
+    def scale_cat(m):
+        def hook(mod, inp): inp[0].mul_(1.5)
+        m.layer2[1].conv3.register_forward_pre_hook(hook)
+    assert_same(grads_with('compiled', setup=scale_cat), grads_with('reference', setup=scale_cat))
+    # BatchNorm's backward pass does not read the bias, so changing it before backward is legal
+    def new_bias(m):  # as an optimizer step does
+        with torch.no_grad():
+            for bn in (m.layer2[1].bns[0], m.layer2[1].bn3, m.stem1[2]): bn.bias.add_(0.3)
+    assert_same(grads_with('compiled', between=new_bias), grads_with('reference', between=new_bias))
+    # it reads the weight, and a block's last BatchNorm + Mish keeps the block's input: autograd's error, as in the reference
+    def new_weight(m):
+        with torch.no_grad(): m.layer2[1].bns[0].weight.mul_(2)
+    def input_changed(m):
+        def hook(mod, inp, out): inp[0].mul_(2)
+        m.layer2[1].register_forward_hook(hook)
+    for path in ('reference', 'compiled'):
+        with pytest.raises(RuntimeError, match='modified by an inplace operation'): grads_with(path, between=new_weight)
+        with pytest.raises(RuntimeError, match='modified by an inplace operation'): grads_with(path, setup=input_changed)
+
+def test_running_stats_are_left_alone_when_not_tracked(plus):
+    "track_running_stats=False with the buffers kept (freezing them): no path updates them"
+    m = copy.deepcopy(plus).train()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d): bn.track_running_stats = False
+    before = {n: b.clone() for n, b in m.named_buffers()}
+    m(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(torch.equal(b, before[n]) for n, b in m.named_buffers())
+
+def test_modules_that_compute_something_else_or_are_hooked_are_run_as_they_are(plus):
+    "A Mish or BatchNorm2d subclass with its own forward, and backward or global module hooks, get the reference path"
+    class ClampedMish(nn.Mish):
+        def forward(self, x): return super().forward(x).clamp(max=1.)
+    m = copy.deepcopy(plus)
+    for block in m.layer1: block.act = ClampedMish()
+    x = torch.randn(2, 3, 64, 64)
+    assert_same(run(m, x, 'compiled'), run(m, x, 'reference'))
+    fired = []
+    m = copy.deepcopy(plus).train()
+    m.layer2[1].bns[0].register_full_backward_hook(lambda mod, gin, gout: fired.append('bn'))
+    m(x).sum().backward()
+    assert fired == ['bn']
+    seen = set()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, inp, out: seen.add(type(mod).__name__))
+    try: m(x)
+    finally: handle.remove()
+    assert {'Mish', 'BatchNorm2d'} <= seen
+
+def test_a_float64_default_dtype_and_torch_func_give_the_reference_result(plus):
+    m, x = copy.deepcopy(plus), torch.randn(2, 3, 64, 64)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try: fused, ref = run(m, x, 'compiled'), run(m, x, 'reference')
+    finally: torch.set_default_dtype(old)
+    assert_same(fused, ref)
+    m.eval()
+    f = lambda xi: m(xi[None]).square().sum()
+    saliency = torch.func.vmap(torch.func.grad(f))(x)
+    with fast_path('reference'): ref = torch.func.vmap(torch.func.grad(f))(x)
+    torch.testing.assert_close(saliency, ref)
 
 def test_users_saved_tensor_hooks_and_checkpointing_are_left_alone(plus, monkeypatch):
     from torch.utils.checkpoint import checkpoint
@@ -360,6 +438,17 @@ def test_kernels_are_built_once_into_the_cache(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     layers.build_kernels()
     assert [p.stat().st_mtime_ns for p in tmp_path.glob('kernels/fused_mish_bn-*.so')] == [mtime]
+
+def test_threads_that_start_at_once_build_the_kernels_once(tmp_path, monkeypatch):
+    if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    import threading
+    monkeypatch.setenv('RES2NETPLUS_HOME', str(tmp_path))
+    monkeypatch.setattr(layers, '_fast', dict(layers._fast, lib=None, failed=None))
+    threads = [threading.Thread(target=layers._kernels) for _ in range(3)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert layers._fast['failed'] is None and layers._fast['lib'] is not None
+    assert len(list(tmp_path.glob('kernels/fused_mish_bn-*.so'))) == 1 and not list(tmp_path.glob('kernels/*.tmp'))
 
 def test_a_broken_compiler_is_named(tmp_path, monkeypatch):
     fake = tmp_path/'g++'
