@@ -384,6 +384,23 @@ def test_each_kernel_equals_pytorch(shape, channels_last):
     if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
     check_each_kernel(shape, channels_last)
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_batch_statistics_stay_exact_when_the_mean_dwarfs_the_spread(channels_last):
+    "E[x²] − E[x]² from float sums loses the variance where |mean|/std is large (a conv bias of 1000, raw pixels): the kernels shift by a pivot"
+    if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    g = torch.Generator().manual_seed(0)
+    shift = torch.tensor([1000., 300., 30., 0.])[None, :, None, None]
+    x = torch.randn(4, 4, 24, 24, generator=g) * torch.tensor([1., 0.1, 0.01, 1.])[None, :, None, None] + shift
+    w, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    if channels_last: x = x.contiguous(memory_format=torch.channels_last)
+    for name in ('mish_bn_fwd', 'bn_add_mish_fwd'):
+        args = (x, w, b, 1e-5) if name == 'mish_bn_fwd' else (x, torch.zeros_like(x), w, b, 1e-5)
+        out, mean, var, _ = layers._run_kernel(name, *args)
+        ref_out, ref_mean, ref_var, _ = _reference_kernel(name, *args)
+        torch.testing.assert_close(var.double(), ref_var, rtol=1e-5, atol=0)  # it was 23 % off at |mean|/std = 3000
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
+
 def _cpu_flags() -> set:
     try:
         with open('/proc/cpuinfo') as f: return set(next((l for l in f if l.startswith('flags')), '').split())

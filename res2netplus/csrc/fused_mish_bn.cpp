@@ -208,12 +208,14 @@ static void reduce_map(const Shape &s, const float *const *in1, float *const *ou
   }
 }
 
-// BatchNorm's training-mode statistics from per-channel sums of x and x²; k = invstd·weight
-static inline void bn_stats(i64 c, double n, double sx, double sxx, const float *w, float eps, float *mean, float *var,
-                            float *invstd, float *k) {
+// BatchNorm's training-mode statistics from per-channel sums of d = x − pivot and d²; k = invstd·weight. The pivot is one
+// of the channel's own values, so E[d²] − E[d]² does not cancel where the mean is large against the spread (the float
+// partial sums lose ~1e-7 of E[x²], which E[x]² − E[x²] would scale by (mean/std)²)
+static inline void bn_stats(i64 c, double n, double sx, double sxx, float pivot, const float *w, float eps, float *mean,
+                            float *var, float *invstd, float *k) {
   double m = sx / n, v = sxx / n - m * m;
   if (v < 0.) v = 0.;
-  mean[c] = (float)m; var[c] = (float)v; invstd[c] = (float)(1. / std::sqrt(v + eps));
+  mean[c] = (float)(pivot + m); var[c] = (float)v; invstd[c] = (float)(1. / std::sqrt(v + eps));
   k[c] = invstd[c] * w[c];
 }
 
@@ -224,15 +226,24 @@ static inline void bn_grad_terms(i64 c, double n, double sg, double sgx, float *
 
 extern "C" {
 
+// Each channel's first value (n = 0, first pixel), the pivot of its statistics
+static std::vector<float> first_values(const float *x, const Shape &s) {
+  std::vector<float> v(s.C);
+  for (i64 c = 0; c < s.C; c++) v[c] = x[s.cl ? c : c * s.S];
+  return v;
+}
+
 // z = bn(mish(y)) with batch statistics
 void mish_bn_fwd(const float *y, const float *w, const float *b, float eps, float *z, float *mean, float *var,
                  float *invstd, i64 N, i64 C, i64 S, int cl, int nt) {
   Shape s{N, C, S, cl, nt};
-  std::vector<float> k(C);
-  float *kk = k.data(); double n = (double)N * S;
-  const float *in1[] = {y}, *in2[] = {z}, *par2[] = {mean, kk, b}; float *out[] = {z};
-  reduce_map<1, 1, 0, 1, 1, 3>(s, in1, out, nullptr, [](V *x, V *o, V *, V &u, V &v) { V a = mish(x[0]); o[0] = a; u = a; v = a * a; },
-    [&](i64 c, double sx, double sxx) { bn_stats(c, n, sx, sxx, w, eps, mean, var, invstd, kk); },
+  std::vector<float> k(C), pivot = first_values(y, s);
+  for (auto &q : pivot) q = mish(splat(q))[0];
+  float *kk = k.data(), *pv = pivot.data(); double n = (double)N * S;
+  const float *in1[] = {y}, *par1[] = {pv}, *in2[] = {z}, *par2[] = {mean, kk, b}; float *out[] = {z};
+  reduce_map<1, 1, 1, 1, 1, 3>(s, in1, out, par1, [](V *x, V *o, V *p, V &u, V &v) {
+      V a = mish(x[0]), d = a - p[0]; o[0] = a; u = d; v = d * d; },
+    [&](i64 c, double sx, double sxx) { bn_stats(c, n, sx, sxx, pv[c], w, eps, mean, var, invstd, kk); },
     in2, out, par2, [](V *x, V *o, V *p, V &, V &) { o[0] = (x[0] - p[0]) * p[1] + p[2]; });
 }
 
@@ -268,11 +279,11 @@ void mish_bn_bwd(const float *g, const float *y, const float *w, const float *me
 void bn_add_mish_fwd(const float *x, const float *r, const float *w, const float *b, float eps, float *out, float *mean,
                      float *var, float *invstd, i64 N, i64 C, i64 S, int cl, int nt) {
   Shape s{N, C, S, cl, nt};
-  std::vector<float> k(C);
-  float *kk = k.data(); double n = (double)N * S;
-  const float *in1[] = {x}, *in2[] = {x, r}, *par2[] = {mean, kk, b}; float *o[] = {out};
-  reduce_map<1, 0, 0, 2, 1, 3>(s, in1, nullptr, nullptr, [](V *x, V *, V *, V &u, V &v) { u = x[0]; v = x[0] * x[0]; },
-    [&](i64 c, double sx, double sxx) { bn_stats(c, n, sx, sxx, w, eps, mean, var, invstd, kk); },
+  std::vector<float> k(C), pivot = first_values(x, s);
+  float *kk = k.data(), *pv = pivot.data(); double n = (double)N * S;
+  const float *in1[] = {x}, *par1[] = {pv}, *in2[] = {x, r}, *par2[] = {mean, kk, b}; float *o[] = {out};
+  reduce_map<1, 0, 1, 2, 1, 3>(s, in1, nullptr, par1, [](V *x, V *, V *p, V &u, V &v) { V d = x[0] - p[0]; u = d; v = d * d; },
+    [&](i64 c, double sx, double sxx) { bn_stats(c, n, sx, sxx, pv[c], w, eps, mean, var, invstd, kk); },
     in2, o, par2, [](V *x, V *o, V *p, V &, V &) { o[0] = mish((x[0] - p[0]) * p[1] + p[2] + x[1]); });
 }
 
