@@ -4,11 +4,14 @@
 
 # %% ../nbs/08_deploy.ipynb #d8e0a004
 from __future__ import annotations
-import contextlib, copy, io, warnings
+import contextlib, copy, functools, io, warnings
+from collections import Counter
 from pathlib import Path
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from .layers import Bottle2neck
+from .models import Res2Net
 
 # %% auto #0
 __all__ = ['fold_bn_into_conv', 'fold_bn_into_next', 'fold_batchnorms', 'fuse_for_inference', 'export_onnx', 'check_torch_export']
@@ -21,8 +24,18 @@ def _bn_affine(bn:nn.Module):
     shift = (bn.bias if bn.affine else 0.) - bn.running_mean * scale
     return scale, shift
 
+def _plain(m:nn.Module, cls:type) -> bool:
+    "`m` computes what `cls` does: no subclass's own `forward` (timm's BatchNormAct2d), no parametrization (weight norm), no forward hooks"
+    return (isinstance(m, cls) and type(m).forward is cls.forward and not parametrize.is_parametrized(m)
+            and not (m._forward_hooks or m._forward_pre_hooks))
+
 def _foldable(bn) -> bool:
-    return isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None
+    return _plain(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None
+
+def _check_target(layer:nn.Module):
+    if parametrize.is_parametrized(layer):
+        raise ValueError(f"Cannot fold a BatchNorm into a parametrized layer (weight norm): its weight is computed. "
+                         f"Remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations), not {layer}.")
 
 def _set_bias(layer:nn.Module, bias:torch.Tensor):
     layer.bias = nn.Parameter(bias.detach().clone())
@@ -30,6 +43,7 @@ def _set_bias(layer:nn.Module, bias:torch.Tensor):
 @torch.no_grad()
 def fold_bn_into_conv(conv:nn.Conv2d, bn:nn.Module):
     "conv → BN as one conv: weight·scale (per output channel), bias·scale + shift"
+    _check_target(conv)
     scale, shift = _bn_affine(bn)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
     conv.weight.mul_(scale.view(-1, 1, 1, 1))
@@ -40,6 +54,7 @@ def fold_bn_into_next(bn:nn.Module, layer:nn.Module, start:int=0):
     "BN → `layer` (a Linear, or a 1×1 conv without padding) as one layer; the BN feeds `layer`'s inputs `start:start+n`"
     if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.padding not in ((0, 0), 'valid') or layer.groups != 1):
         raise ValueError(f"A BatchNorm folds exactly only into a 1×1 ungrouped conv without padding, not {layer}.")
+    _check_target(layer)
     scale, shift = _bn_affine(bn)
     cols = slice(start, start + scale.numel())
     w = layer.weight.view(layer.weight.shape[0], layer.weight.shape[1])  # (out, in): a Linear, or a 1×1 conv's view
@@ -58,40 +73,45 @@ def _folded(bn:nn.Module) -> nn.Identity:
     return nn.Identity().train(bn.training)
 
 # %% ../nbs/08_deploy.ipynb #d8e0a006
-def _fold_sequential(seq:nn.Sequential) -> int:
-    "Fold every conv → BN and BN → (Dropout) → Linear pair among `seq`'s children; returns the number folded"
+def _fold_sequential(seq:nn.Sequential, target) -> int:
+    "Fold every conv → BN and BN → (Dropout) → Linear pair among `seq`'s children whose conv or Linear `target` allows"
     names, n = list(seq._modules), 0
     for i, name in enumerate(names[:-1]):
         prev, bn = _last(seq._modules[name]), seq._modules[names[i + 1]]
-        if isinstance(prev, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _foldable(bn):
+        if target(prev, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and _foldable(bn):
             fold_bn_into_conv(prev, bn); seq._modules[names[i + 1]] = _folded(bn); n += 1
     for i, name in enumerate(names):
         bn = seq._modules[name]
         if not (isinstance(bn, nn.BatchNorm1d) and _foldable(bn)): continue
         j = i + 1
         while j < len(names) and isinstance(seq._modules[names[j]], _PASS_THROUGH): j += 1
-        if j < len(names) and isinstance(seq._modules[names[j]], nn.Linear):
+        if j < len(names) and target(seq._modules[names[j]], nn.Linear):
             fold_bn_into_next(bn, seq._modules[names[j]]); seq._modules[name] = _folded(bn); n += 1
     return n
 
-def _fold_block(b:Bottle2neck) -> int:
+def _fold_block(b:Bottle2neck, target) -> int:
     n = 0
     if b.bn_1st:
         for conv, name in [(b.conv1, 'bn1')] + [(c, i) for i, c in enumerate(b.convs)]:
             bns, key = (b, name) if name == 'bn1' else (b.bns, str(name))
-            if _foldable(bns._modules[key]): fold_bn_into_conv(conv, bns._modules[key]); bns._modules[key] = _folded(bns._modules[key]); n += 1
-    elif _foldable(b.bns[-1]):  # the last split's act → BN feeds only conv3 (1×1, no padding)
+            if _foldable(bns._modules[key]) and target(conv, nn.Conv2d):
+                fold_bn_into_conv(conv, bns._modules[key]); bns._modules[key] = _folded(bns._modules[key]); n += 1
+    elif _foldable(b.bns[-1]) and target(b.conv3, nn.Conv2d):  # the last split's act → BN feeds only conv3 (1×1, no padding)
         fold_bn_into_next(b.bns[-1], b.conv3, start=(len(b.convs) - 1) * b.width)
         b.bns[-1] = _folded(b.bns[-1]); n += 1
-    if _foldable(b.bn3): fold_bn_into_conv(b.conv3, b.bn3); b.bn3 = _folded(b.bn3); n += 1
+    if _foldable(b.bn3) and target(b.conv3, nn.Conv2d): fold_bn_into_conv(b.conv3, b.bn3); b.bn3 = _folded(b.bn3); n += 1
     return n
 
 def fold_batchnorms(model:nn.Module) -> int:
     "Fold, in place, every BatchNorm of `model` that folds exactly into a neighbouring conv or linear layer"
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    # a layer used twice would be folded twice, or fold one use's BN into the other's
+    target = lambda layer, cls: _plain(layer, cls) and uses[id(layer)] == 1
     n = 0
     for m in list(model.modules()):
-        if isinstance(m, Bottle2neck): n += _fold_block(m)
-        if isinstance(m, nn.Sequential): n += _fold_sequential(m)
+        if isinstance(m, Bottle2neck) and type(m).forward is Bottle2neck.forward: n += _fold_block(m, target)
+        # children run one after the other: a plain nn.Sequential's, or a Res2Net's (which checks its input first)
+        if isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward, Res2Net.forward): n += _fold_sequential(m, target)
     return n
 
 # %% ../nbs/08_deploy.ipynb #d8e0a007
@@ -107,56 +127,95 @@ def _example(model:nn.Module, size:int, batch:int=2) -> torch.Tensor:
     x = torch.randn(batch, first.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     return x.to(first.weight.device, first.weight.dtype)
 
+@contextlib.contextmanager
+def _evaluating(model:nn.Module):
+    "`model` in eval mode, and afterwards every submodule in its own mode again (frozen BatchNorms, Monte Carlo dropout)"
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try: yield model
+    finally:
+        for m, mode in modes: m.training = mode
+
+def _outputs(out) -> list:
+    "A model's output as a flat list of tensors: a classifier's one, a feature extractor's list, onnxruntime's arrays"
+    if isinstance(out, dict): out = list(out.values())
+    if isinstance(out, (list, tuple)): return [t for o in out for t in _outputs(o)]
+    return [torch.as_tensor(out)]
+
+def _rtol(dtype:torch.dtype) -> float:
+    "Rounding of the folded weights relative to the output's size: float32's, or the half-precision types'"
+    return {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-5)
+
+def _difference(got, want, atol:float, rtol:float|None) -> tuple:
+    "(largest |got − want|, whether every output is within atol + rtol·max|want|)"
+    got, want = _outputs(got), _outputs(want)
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)): return float('inf'), False
+    diff, ok = 0., True
+    for g, w in zip(got, want):
+        d = (g.detach().float().cpu() - w.detach().float().cpu()).abs().max().item() if w.numel() else 0.
+        tol = atol + (_rtol(w.dtype) if rtol is None else rtol) * (w.detach().float().abs().max().item() if w.numel() else 0.)
+        diff, ok = max(diff, d), ok and d <= tol
+    return diff, ok
+
+_LOOSER = "pass atol= or rtol= for a looser check, or check_size=None to skip it"
+
+def _inference_only(model:nn.Module, mode:bool=True) -> nn.Module:
+    "`train` of a fused copy: its folded BatchNorms are gone and its others would overwrite their statistics, so eval only"
+    if mode: raise RuntimeError("fuse_for_inference returned an inference-only copy (BatchNorms folded, weights frozen): "
+                                "train the original model and fuse it again afterwards.")
+    return nn.Module.train(model, False)
+
 @torch.no_grad()
-def fuse_for_inference(model_or_learner, channels_last:bool=True, check_size:int|None=64, atol:float=1e-4) -> nn.Module:
-    "A copy of the model (a `Res2Net`, a learner's `nn.Sequential(body, head)`, any CNN) for fast inference: BatchNorms folded, channels_last, frozen"
+def fuse_for_inference(model_or_learner, channels_last:bool=True, check_size:int|None=64, atol:float=1e-4, rtol:float|None=None) -> nn.Module:
+    "An inference-only copy of the model (a `Res2Net`, a learner's `nn.Sequential(body, head)`, any CNN): BatchNorms folded, channels_last, frozen"
     model = _model_of(model_or_learner)
     fused = copy.deepcopy(model).eval()
     fused.n_folded_bn = fold_batchnorms(fused)
     fused.requires_grad_(False)
     if channels_last: fused = fused.to(memory_format=torch.channels_last)
+    fused.train = functools.partial(_inference_only, fused)
     if check_size:
         x = _example(model, check_size)
-        was_training, model = model.training, model.eval()
-        try: diff = (fused(x) - model(x)).abs().max().item()
-        finally: model.train(was_training)
-        if not diff <= atol: raise RuntimeError(f"The fused model differs from the original by {diff:.2e} (> atol={atol}).")
+        with _evaluating(model): diff, ok = _difference(fused(x), model(x), atol, rtol)
+        if not ok: raise RuntimeError(f"The fused model differs from the original by {diff:.2e} (atol={atol}, rtol="
+                                      f"{_rtol(x.dtype) if rtol is None else rtol} of the output's size): {_LOOSER}.")
     return fused
 
 # %% ../nbs/08_deploy.ipynb #d8e0a009
-def _onnx_diff(path, model, xs) -> float:
+def _onnx_outputs(path, xs) -> list:
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     name = sess.get_inputs()[0].name
-    with torch.no_grad():
-        return max(float(abs(sess.run(None, {name: x.numpy()})[0] - model(x).numpy()).max()) for x in xs)
+    return [sess.run(None, {name: x.numpy()}) for x in xs]
 
-def export_onnx(model_or_learner, path, size:int=224, fuse:bool=True, opset:int=18, atol:float=1e-4) -> dict:
-    "Export to ONNX (batch size dynamic), run it with onnxruntime and compare with PyTorch; dynamo exporter first, else the legacy one"
+def export_onnx(model_or_learner, path, size:int=224, fuse:bool=True, opset:int=18, atol:float=1e-4, rtol:float|None=None) -> dict:
+    "Export to ONNX (batch size dynamic), run it with onnxruntime and compare with the original model; dynamo exporter first, else the legacy one"
     model = _model_of(model_or_learner)
+    _example(model, size)  # an image model, or a clear error
     model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()  # onnxruntime compares on the CPU
-    model = fuse_for_inference(model, channels_last=False, check_size=None) if fuse else copy.deepcopy(model).eval()
-    path, x = Path(path), _example(model, size)
-    checks, errors = [x, _example(model, size, batch=3)], []
+    exported = fuse_for_inference(model, channels_last=False, check_size=None) if fuse else copy.deepcopy(model).eval()
+    path, checks, errors = Path(path), [_example(model, size), _example(model, size, batch=3)], []
+    with torch.no_grad(), _evaluating(model): wanted = [model(x) for x in checks]  # the original, not the fused copy
     for dynamo in (True, False):
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter('ignore')
                 kw = dict(dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=1024)},)) if dynamo else \
                      dict(input_names=['input'], output_names=['output'], dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})
-                torch.onnx.export(model, (x,), str(path), opset_version=opset, dynamo=dynamo, **kw)
-            diff = _onnx_diff(path, model, checks)
-            if diff <= atol: return dict(path=path, exporter='dynamo' if dynamo else 'legacy (TorchScript)', max_abs_diff=diff)
-            errors.append(f"{'dynamo' if dynamo else 'legacy'}: outputs differ by {diff:.2e}")
+                torch.onnx.export(exported, (checks[0],), str(path), opset_version=opset, dynamo=dynamo, **kw)
+            results = [_difference(got, want, atol, rtol) for got, want in zip(_onnx_outputs(path, checks), wanted)]
+            diff = max(d for d, _ in results)
+            if all(ok for _, ok in results): return dict(path=path, exporter='dynamo' if dynamo else 'legacy (TorchScript)', max_abs_diff=diff)
+            errors.append(f"{'dynamo' if dynamo else 'legacy'}: outputs differ from the original model's by {diff:.2e}")
         except Exception as e: errors.append(f"{'dynamo' if dynamo else 'legacy'}: {type(e).__name__}: {str(e)[:300]}")
-    raise RuntimeError("ONNX export failed: " + ' | '.join(errors))
+    raise RuntimeError(f"ONNX export failed (atol={atol}, rtol={rtol}): " + ' | '.join(errors))
 
-def check_torch_export(model_or_learner, size:int=64, fuse:bool=True, atol:float=1e-4):
-    "`torch.export.export` the (fused) model with a dynamic batch; returns the `ExportedProgram` after checking its outputs"
+def check_torch_export(model_or_learner, size:int=64, fuse:bool=True, atol:float=1e-4, rtol:float|None=None):
+    "`torch.export.export` the (fused) model with a dynamic batch; returns the `ExportedProgram` after checking it against the original"
     model = _model_of(model_or_learner)
-    model = fuse_for_inference(model, channels_last=False, check_size=None) if fuse else copy.deepcopy(model).eval()
+    exported = fuse_for_inference(model, channels_last=False, check_size=None) if fuse else copy.deepcopy(model).eval()
     x = _example(model, size)
-    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=1024)},))
-    with torch.no_grad(): diff = (ep.module()(x) - model(x)).abs().max().item()
-    if not diff <= atol: raise RuntimeError(f"The exported program differs from the model by {diff:.2e}.")
+    ep = torch.export.export(exported, (x,), dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=1024)},))
+    with torch.no_grad(), _evaluating(model): diff, ok = _difference(ep.module()(x), model(x), atol, rtol)
+    if not ok: raise RuntimeError(f"The exported program differs from the original model by {diff:.2e}.")
     return ep

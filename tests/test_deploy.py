@@ -98,3 +98,59 @@ def test_compiled_deployment_form_with_frozen_weights(plus):
 
 def test_bad_input_says_what_is_expected():
     with pytest.raises(ValueError, match='nn.Module or a fastai Learner'): fuse_for_inference('res2netplus50')
+
+class DoubledBN(nn.BatchNorm2d):  # a BatchNorm subclass that computes something else
+    def forward(self, x): return 2 * super().forward(x)
+
+def _layers_that_must_not_fold():
+    "Each: (name, model) whose BatchNorm folding would change the output"
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    shared = nn.Conv2d(4, 4, 3, padding=1)
+    hooked = nn.BatchNorm2d(4)
+    hooked.register_forward_hook(lambda mod, inp, out: out * 3)
+    return dict(subclass=nn.Sequential(nn.Conv2d(3, 4, 3), DoubledBN(4)),
+                weight_norm=nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)),
+                shared_conv=nn.Sequential(nn.Conv2d(3, 4, 3), shared, nn.BatchNorm2d(4), shared, nn.BatchNorm2d(4)),
+                hooked=nn.Sequential(nn.Conv2d(3, 4, 3), hooked))
+
+@pytest.mark.parametrize('name', ['subclass', 'weight_norm', 'shared_conv', 'hooked'])
+def test_only_what_folds_exactly_is_folded(name, tmp_path):
+    "A BN subclass with its own forward, a weight-normed or shared conv, a hooked BN: left as they are, outputs equal"
+    m = randomize_bn(_layers_that_must_not_fold()[name]).eval()
+    x = torch.randn(2, 3, 16, 16)
+    f = fuse_for_inference(m, check_size=16)
+    with torch.no_grad(): assert (f(x) - m(x)).abs().max() <= 1e-5
+    assert export_onnx(m, tmp_path/'m.onnx', size=16)['max_abs_diff'] <= 1e-4  # checked against the original itself
+
+def test_the_fused_copy_is_for_inference_only(plus, tmp_path):
+    f = fuse_for_inference(plus)
+    with pytest.raises(RuntimeError, match='inference-only copy.*train the original model'): f.train()
+    f.eval()
+    torch.save(f, tmp_path/'f.pt')
+    g = torch.load(tmp_path/'f.pt', weights_only=False)
+    with pytest.raises(RuntimeError, match='inference-only'): g.train()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(): assert torch.equal(g(x), f(x))
+
+def test_the_originals_modes_are_left_as_they_were(plus):
+    "Fine-tuning with frozen BatchNorms, or Monte Carlo dropout: the check must not reset any submodule's mode"
+    m = copy.deepcopy(plus).train()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d): bn.eval()
+    modes = [mod.training for mod in m.modules()]
+    fuse_for_inference(m)
+    assert [mod.training for mod in m.modules()] == modes
+
+def test_the_check_is_relative_to_the_outputs_size_and_takes_feature_lists():
+    m = randomize_bn(res2net50d(n_out=5)).eval()
+    with torch.no_grad(): m.fc.weight.mul_(1e4)  # logits ~1e5: float32 rounding alone is ~1e-2 there
+    fuse_for_inference(m)
+    import timm, res2netplus.models  # noqa: F401 (registers the models with timm)
+    features = randomize_bn(timm.create_model('res2netplus50', features_only=True)).eval()
+    f = fuse_for_inference(features)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert all((a - b).abs().max() <= 1e-3 * b.abs().max() for a, b in zip(f(x), features(x)))
+
+def test_export_onnx_of_a_model_without_convs_says_so(tmp_path):
+    with pytest.raises(ValueError, match='no Conv2d'): export_onnx(nn.Identity(), tmp_path/'x.onnx')
