@@ -47,6 +47,16 @@ def _reduce(loss, weight_valid, reduction:str):
     if reduction == 'none': return loss
     return loss.sum() if reduction == 'sum' else loss.sum()/weight_valid.sum().clamp_min(1e-12)
 
+class _MixedLoss:
+    """The learner's loss while a mixer trains: the mixer's loss, with the user's loss's `activation`, `decodes` and the rest,
+    so that `predict` and `get_preds` still work if a fit is interrupted (KeyboardInterrupt) before the mixer restores it"""
+    def __init__(self, mixer): self.mixer = mixer
+    def __call__(self, pred, *yb):  # a mixer given to `fit(cbs=...)` leaves the learner when the fit is interrupted
+        return self.mixer.loss(pred, *yb) if getattr(self.mixer, 'learn', None) is not None else self.mixer.user_loss(pred, *yb)
+    def __getattr__(self, name):
+        if name.startswith('__') or name == 'mixer': raise AttributeError(name)  # pickling looks these up before `mixer` is set
+        return getattr(self.mixer.user_loss, name)
+
 class Mixer(Callback):
     "Base of the mixing callbacks: per-sample λ, target-aware mixing and loss, training only"
     run_valid, order = False, 0
@@ -57,7 +67,11 @@ class Mixer(Callback):
     def before_train(self):
         others = [cb for cb in self.learn.cbs if isinstance(cb, Mixer) and cb is not self]
         if others: raise ValueError(f"{type(self).__name__} and {type(others[0]).__name__} are both on the learner: keep one (MixUpCutMix combines the two).")
-        if getattr(self, 'user_loss', None) is None: self.user_loss, self.learn.loss_func = self.learn.loss_func, self.loss
+        from fastai.callback.mixup import MixHandler
+        fastai_mixers = [cb for cb in self.learn.cbs if isinstance(cb, MixHandler)]
+        if fastai_mixers: raise ValueError(f"fastai's {type(fastai_mixers[0]).__name__} and res2netplus's {type(self).__name__} are both on the learner: "
+                                           "keep one (res2netplus_learner(..., mix=None) leaves fastai's alone; res2netplus.augment has MixUp and CutMix too).")
+        if getattr(self, 'user_loss', None) is None: self.user_loss, self.learn.loss_func = self.learn.loss_func, _MixedLoss(self)
     def after_train(self):
         if getattr(self, 'user_loss', None) is not None: self.learn.loss_func, self.user_loss = self.user_loss, None
         self.weights = self.perm_yb = self.lam = None  # the last batch's tensors must not be exported with the learner
@@ -101,24 +115,28 @@ class Mixer(Callback):
 
 class MixUp(Mixer):
     "MixUp (Zhang et al. 2018) with one λ ~ Beta(α, α) per sample"
-    def __init__(self, alpha:float=0.4, p:float=1.): super().__init__(p); self.alpha = alpha
+    def __init__(self, alpha:float=0.4, p:float=1.): super().__init__(p); self.alpha = _check_alpha(alpha)
     def mix_images(self, x, perm, bs): return mixup_images(x, perm, _beta(self.alpha, bs, x.device))
 
 class CutMix(Mixer):
     "CutMix (Yun et al. 2019): one box and one λ ~ Beta(α, α) per sample, λ corrected for clipping"
-    def __init__(self, alpha:float=1., p:float=1.): super().__init__(p); self.alpha = alpha
+    def __init__(self, alpha:float=1., p:float=1.): super().__init__(p); self.alpha = _check_alpha(alpha)
     def mix_images(self, x, perm, bs): return cutmix_images(x, perm, _beta(self.alpha, bs, x.device))
 
 class MixUpCutMix(Mixer):
     "For each batch, CutMix with probability `switch_prob`, else MixUp (timm's `Mixup` defaults)"
     def __init__(self, mixup_alpha:float=0.8, cutmix_alpha:float=1., switch_prob:float=0.5, p:float=1.):
-        super().__init__(p); self.mixup_alpha, self.cutmix_alpha, self.switch_prob = mixup_alpha, cutmix_alpha, switch_prob
+        super().__init__(p); self.mixup_alpha, self.cutmix_alpha, self.switch_prob = _check_alpha(mixup_alpha), _check_alpha(cutmix_alpha), switch_prob
     def mix_images(self, x, perm, bs):
         if torch.rand(()).item() < self.switch_prob: return cutmix_images(x, perm, _beta(self.cutmix_alpha, bs, x.device))
         return mixup_images(x, perm, _beta(self.mixup_alpha, bs, x.device))
 
+def _check_alpha(alpha:float) -> float:
+    if not alpha > 0: raise ValueError(f"Mixing needs alpha > 0 (got {alpha}); to turn mixing off, leave the callback out.")
+    return alpha
+
 def _beta(alpha:float, n:int, device):
-    if alpha <= 0: raise ValueError(f"Mixing needs alpha > 0 (got {alpha}); to turn mixing off, leave the callback out.")
+    _check_alpha(alpha)  # also for an alpha changed after construction
     return Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha))).sample((n,)).to(device)
 
 MIX_CALLBACKS = {'mixup': MixUp, 'cutmix': CutMix, 'both': MixUpCutMix}

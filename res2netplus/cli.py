@@ -26,9 +26,14 @@ def _dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
         dls = ImageDataLoaders.from_df(df, path.parent, fn_col='fname', label_col='label', **valid, **kw)
         missing = sorted(set(dls.vocab) - set(dls.valid_ds.items['label']))
         if missing: raise ValueError(f"Classes missing from the validation rows of {path}: {', '.join(map(str, missing))}. Give them is_valid rows, so they can be measured.")
-        return dls, [str(c) for c in dls.vocab]
+        return _enough_for_a_batch(dls, bs), [str(c) for c in dls.vocab]
     classes = check_image_folder(path, decode=True)  # a damaged file stops the run now, named, not mid-epoch
-    return ImageDataLoaders.from_folder(path, train='train', valid='valid', **kw), classes
+    return _enough_for_a_batch(ImageDataLoaders.from_folder(path, train='train', valid='valid', **kw), bs), classes
+
+def _enough_for_a_batch(dls, bs:int):
+    "fastai drops a last incomplete training batch: with fewer images than --bs an epoch would train on nothing"
+    if len(dls.train_ds) < bs: raise ValueError(f"--bs {bs} is more than the {len(dls.train_ds)} training images: use --bs {len(dls.train_ds)} or less, or add images.")
+    return dls
 
 def _seg_dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
     "Segmentation folder (images/, masks/, codes.txt, optional valid.txt) → DataLoaders with the training augmentation; also the codes"
@@ -44,7 +49,7 @@ def _seg_dataloaders(path:Path, size:int, bs:int, seed:int, workers:int|None):
     dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes)), get_items=image_files, get_y=MaskFromImage(path/'masks'), splitter=splitter,
                        item_tfms=[AlbumentationsTransform(res2netplus_augs(size, fill_mask=255)), Resize(size, method='squish')])
     dls = dblock.dataloaders(path/'images', bs=bs, **({} if workers is None else {'num_workers': workers}))
-    if len(dls.train_ds) < bs: raise ValueError(f"--bs {bs} is more than the {len(dls.train_ds)} training images: use --bs {len(dls.train_ds)} or less, or add images.")
+    _enough_for_a_batch(dls, bs)
     return dls, codes
 
 def _stem_in(stems:frozenset, path) -> bool: return Path(path).stem in stems
@@ -133,7 +138,11 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     segment = task == 'segment'
     if not segment and (head != 'unet' or output_stride is not None): raise ValueError("--head and --output_stride are for --task segment: drop them, or add --task segment.")
     if task not in ('detect', 'instance') and detector != 'rcnn': raise ValueError("--detector is for --task detect or instance: drop it, or add --task detect.")
-    size, bs = size or TASK_DEFAULTS[task]['size'], bs or TASK_DEFAULTS[task]['bs']
+    size = size or TASK_DEFAULTS[task]['size']
+    bs = TASK_DEFAULTS[task]['bs'] if bs is None else bs
+    if bs < 1: raise ValueError(f"--bs {bs}: pass a batch size of 1 or more.")
+    if epochs < 1: raise ValueError(f"--epochs {epochs}: pass 1 or more.")
+    if lr is not None and not lr >= 0: raise ValueError(f"--lr {lr}: pass a positive learning rate (0 runs lr_find), or leave it out for the recipe's.")
     if task in ('detect', 'instance'):
         from res2netplus.detection import train_detection
         return train_detection(data, out=out, task=task, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
@@ -265,7 +274,8 @@ def predict(model, images, k:int=3, out=None, thresh:float=0.5) -> list:
         from res2netplus.detection import predict_detection
         return [predict_detection(predictor.learn, img, thresh) for img in images]
     vocab, out = predictor.classes, Path(out) if out is not None else model.parent
-    results = []
+    if k < 1: raise ValueError(f"-k {k}: pass the number of classes to list, 1 or more.")
+    results, written = [], set()
     for img in images:
         try: im = PILImage.create(img)
         except Exception as e: raise ValueError(f"Cannot read image {img} ({type(e).__name__}): pass PNG/JPEG files.") from None
@@ -277,7 +287,9 @@ def predict(model, images, k:int=3, out=None, thresh:float=0.5) -> list:
         # class probabilities at the image's own size, then the likeliest class of each pixel
         ids = F.interpolate(probs[None].float(), size=im.shape, mode='bilinear', align_corners=False)[0].argmax(0).numpy().astype(np.uint8)
         out.mkdir(parents=True, exist_ok=True)
-        mask = out/f"{Path(img).stem}_mask.png"
+        mask, n = out/f"{Path(img).stem}_mask.png", 1
+        while mask in written: n += 1; mask = out/f"{Path(img).stem}_{n}_mask.png"  # a/x.png and b/x.png: two masks
+        written.add(mask)
         Image.fromarray(ids, 'L').save(mask)
         share = np.bincount(ids.ravel(), minlength=len(vocab))/ids.size
         results.append(dict(image=str(img), mask=str(mask), fractions={c: round(float(f), 5) for c, f in zip(vocab, share)}))

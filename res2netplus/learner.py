@@ -49,10 +49,12 @@ def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_
     if channels_last or (channels_last is None and (on_gpu or cpu_channels_last)): learn.add_cb(ChannelsLast())
     return _precision(learn, precision, on_gpu)
 
-def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pretrained:bool=False, loss_func=None,
+def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pretrained:bool=False, weights=None, loss_func=None,
                         opt_func=None, metrics=None, cbs=None, label_smoothing:float=RECIPE['label_smoothing'],
                         precision:str|None='auto', channels_last:bool|None=None, **kwargs) -> Learner:
     "A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`"
+    pretrained = pretrained or weights is not None  # trained weights (a file): ImageNet statistics, a frozen body, fine-tuning
+    if weights is not None: kwargs['weights'] = weights
     single_label = isinstance(dls.loss_func, CrossEntropyLossFlat)
     if loss_func is None and single_label and label_smoothing: loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing)
     if metrics is None: metrics = accuracy if single_label else accuracy_multi if isinstance(dls.loss_func, BCEWithLogitsLossFlat) else None

@@ -166,8 +166,30 @@ def test_training_with_mixing_lowers_the_loss(mix):
     assert learn.validate()[0] < 0.6*before
 
 def test_mixer_alpha_must_be_positive():
+    for make in (lambda: MixUp(alpha=0), lambda: CutMix(alpha=-1), lambda: MixUpCutMix(mixup_alpha=0)):
+        with pytest.raises(ValueError, match='alpha > 0'): make()  # at construction, not at the first batch
+    learn, mixer = tiny_learner(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, CrossEntropyLossFlat(), 2), MixUp()
+    mixer.alpha = 0
+    with pytest.raises(ValueError, match='alpha > 0'): learn.fit(1, cbs=[mixer])
+
+def test_an_interrupted_fit_leaves_a_loss_that_predicts():
+    "Ctrl-C (not a fastai cancel) skips the mixer's restore: the loss in place still gives the user's activation and decodes"
+    xs, ys = torch.rand(8, 3, 8, 8), torch.arange(8) % 2
+    lf = CrossEntropyLossFlat()
+    learn = tiny_learner(xs, ys, lf, 2)
+    class Interrupt(Callback):
+        def after_batch(self): raise KeyboardInterrupt
+    learn.add_cb(CutMix())  # as res2netplus_learner adds it
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=[Interrupt()])
+    assert learn.loss_func is not lf  # still the mixer's
+    probs = learn.get_preds(dl=learn.dls.valid)[0]
+    torch.testing.assert_close(probs.sum(1), torch.ones(8))  # probabilities (the user's softmax), not logits
+    assert learn.loss_func.decodes(probs).tolist() == probs.argmax(1).tolist()
+
+def test_fastai_mixers_and_ours_together_are_refused():
+    from fastai.callback.mixup import MixUp as FastaiMixUp
     learn = tiny_learner(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, CrossEntropyLossFlat(), 2)
-    with pytest.raises(ValueError, match='alpha > 0'): learn.fit(1, cbs=[MixUp(alpha=0)])
+    with pytest.raises(ValueError, match="fastai's MixUp and res2netplus's CutMix.*mix=None"): learn.fit(1, cbs=[FastaiMixUp(), CutMix()])
 
 # --- albumentations bridge ---------------------------------------------------------------------------------------
 

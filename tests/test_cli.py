@@ -165,3 +165,10 @@ def test_detect_train_then_predict(tmp_path):
     assert (res['height'], res['width']) == (96, 96) and res['detections']
     d = res['detections'][0]
     assert d['name'] in m['classes'] and len(d['box']) == 4 and 0 <= d['box'][0] <= d['box'][2] <= 96 and 'mask_rle' in d
+
+@pytest.mark.parametrize('args,message', [(['--bs', '40'], 'more than the 24 training images'), (['--bs', '0'], 'batch size of 1 or more'),
+                                          (['--lr', '-1'], 'positive learning rate'), (['--epochs', '0'], 'pass 1 or more')])
+def test_bad_training_settings_end_with_a_message(image_folder, tmp_path, args, message):
+    "Settings that would train nothing (a batch larger than the training set) or go uphill: one line, exit status 2"
+    r = cli('train', '--data', str(image_folder), '--size', '32', '--out', str(tmp_path/'run'), '--workers', '0', *args)
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]

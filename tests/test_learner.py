@@ -36,3 +36,10 @@ def test_trains_channels_last_unless_told_not_to(dls, channels_last):
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
     out = learn.model.eval()(dls.one_batch()[0].cpu())
     assert out.shape == (8, 2)
+
+def test_a_weights_file_is_fine_tuned_like_pretrained_weights(dls, tmp_path):
+    "weights= without pretrained=True: ImageNet statistics and a frozen body, as with pretrained=True (not a random start)"
+    safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'in1k.safetensors')
+    learn = res2netplus_learner(dls, 'res2netplus50', weights=tmp_path/'in1k.safetensors')
+    assert not any(p.requires_grad for p in learn.splitter(learn.model)[1] if p.ndim > 1)
+    assert any(type(t).__name__ == 'Normalize' for t in learn.dls.after_batch.fs)
