@@ -153,3 +153,10 @@ def test_check_finite_input_callback_stops_training_on_a_bad_batch(dls):
         def before_batch(self):
             if self.training and self.iter == 1: x = self.xb[0].clone(); x[0, 0, 0, 0] = float('inf'); self.learn.xb = (x,)
     with pytest.raises(ValueError, match=r'Training batch 1 of epoch 0 got 0 NaN and 1 infinite'): learn.fit(1, 1e-3, cbs=Corrupt())
+
+def test_a_learner_body_names_n_in_for_the_wrong_channel_count():
+    "fastai cuts the model into a plain nn.Sequential body, which skips Res2Net's own input check: the stem names the fix"
+    from fastai.vision.learner import create_body
+    from res2netplus.models import res2netplus50
+    body = create_body(res2netplus50(), n_in=3, pretrained=False)
+    with pytest.raises(ValueError, match=r'3-channel images, got 1 channels: pass n_in=1'): body(torch.randn(2, 1, 64, 64))
