@@ -45,7 +45,7 @@ def test_train_then_predict(image_folder, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path/'again'/'metrics.json').read_text())
     assert again['frozen_epochs'] == 0 and again['valid_loss'] < metrics['valid_loss'] + 0.5
-    r = cli('train', '--data', str(image_folder), '--arch', 'res2net50d', '--weights', str(out/'model.safetensors'), '--out', str(tmp_path/'x'))
+    r = cli('train', '--data', str(image_folder), '--bs', '8', '--arch', 'res2net50d', '--weights', str(out/'model.safetensors'), '--out', str(tmp_path/'x'))
     assert r.returncode == 2 and 'another architecture' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
     (tmp_path/'bad.png').write_text('not an image')
     r = cli('predict', '--model', str(out/'export.pkl'), str(tmp_path/'bad.png'))
