@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from .layers import Bottle2neck
+from .layers import Bottle2neck, _is_plain
 from .models import Res2Net
 
 # %% auto #0
@@ -26,8 +26,7 @@ def _bn_affine(bn:nn.Module):
 
 def _plain(m:nn.Module, cls:type) -> bool:
     "`m` computes what `cls` does: no subclass's own `forward` (timm's BatchNormAct2d), no parametrization (weight norm), no forward hooks"
-    return (isinstance(m, cls) and type(m).forward is cls.forward and not parametrize.is_parametrized(m)
-            and not (m._forward_hooks or m._forward_pre_hooks))
+    return _is_plain(m, cls) and not parametrize.is_parametrized(m) and not (m._forward_hooks or m._forward_pre_hooks)
 
 def _foldable(bn) -> bool:
     return _plain(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None
