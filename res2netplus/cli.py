@@ -274,7 +274,7 @@ def predict(model, images, k:int=3, out=None, thresh:float=0.5) -> list:
         from res2netplus.detection import predict_detection
         return [predict_detection(predictor.learn, img, thresh) for img in images]
     vocab, out = predictor.classes, Path(out) if out is not None else model.parent
-    if k < 1: raise ValueError(f"-k {k}: pass the number of classes to list, 1 or more.")
+    if k < 1 and not predictor.segment: raise ValueError(f"-k {k}: pass the number of classes to list, 1 or more.")
     results, written = [], set()
     for img in images:
         try: im = PILImage.create(img)

@@ -50,6 +50,8 @@ def test_train_then_predict(image_folder, tmp_path):
     (tmp_path/'bad.png').write_text('not an image')
     r = cli('predict', '--model', str(out/'export.pkl'), str(tmp_path/'bad.png'))
     assert r.returncode == 2 and 'Cannot read image' in r.stderr and 'Traceback' not in r.stderr
+    r = cli('predict', '--model', str(out/'export.pkl'), '-k', '0', str(img))
+    assert r.returncode == 2 and '-k 0' in r.stderr and 'Traceback' not in r.stderr
 
 def test_class_missing_from_valid(image_folder, tmp_path):
     import shutil
@@ -122,6 +124,10 @@ def test_segment_train_then_predict(shapes_folder, tmp_path):
     assert (np.asarray(masks[0]) == learn.predict(square)[0].numpy()).all()
     r = cli('predict', '--model', str(out/'model.safetensors'), '--out', str(tmp_path/'safe'), str(square), str(odd))
     assert r.returncode == 0, r.stderr[-3000:]
+    twin = tmp_path/'other'/'square.png'; twin.parent.mkdir(); Image.open(odd).save(twin)  # the same file name, another image
+    r2 = cli('predict', '--model', str(out/'export.pkl'), '--out', str(tmp_path/'twins'), str(square), str(twin))
+    assert [Path(o['mask']).name for o in json.loads(r2.stdout)] == ['square_mask.png', 'square_2_mask.png'], r2.stderr[-2000:]
+    assert Image.open(tmp_path/'twins'/'square_2_mask.png').size == (48, 40)  # the second image's mask did not overwrite the first
     for o in json.loads(r.stdout):  # no pickle, same masks
         assert (np.asarray(Image.open(o['mask'])) == np.asarray(Image.open(tmp_path/'masks'/Path(o['mask']).name))).all()
     # an earlier run's model.safetensors continues training
