@@ -11,8 +11,8 @@ from torch.distributions import Beta
 from fastai.vision.all import Callback, ItemTransform, NoneReduce, PILImage, PILMask, TensorBBox, TensorMultiCategory
 
 # %% auto #0
-__all__ = ['MIX_CALLBACKS', 'BOX_PARAMS', 'mixup_images', 'cutmix_boxes', 'cutmix_images', 'Mixer', 'MixUp', 'CutMix',
-           'MixUpCutMix', 'mix_callback', 'ProcessSeeded', 'AlbumentationsTransform', 'res2netplus_augs']
+__all__ = ['MIX_CALLBACKS', 'BOX_PARAMS', 'FLOAT_OUTPUT_AUGS', 'mixup_images', 'cutmix_boxes', 'cutmix_images', 'Mixer', 'MixUp',
+           'CutMix', 'MixUpCutMix', 'mix_callback', 'ProcessSeeded', 'AlbumentationsTransform', 'res2netplus_augs']
 
 # %% ../nbs/04_augment.ipynb #0e0e315b
 def mixup_images(x, perm, lam):
@@ -150,28 +150,49 @@ def mix_callback(mix:str|None) -> Mixer|None:
 # %% ../nbs/04_augment.ipynb #8045eac1
 BOX_PARAMS = dict(format='pascal_voc', label_fields=['labels'], clip=True, filter_invalid_bboxes=True)
 
-class ProcessSeeded:
-    """Mixin for an object holding an albumentations pipeline `self.augs`. albumentations draws from its own generator,
-    seeded from the OS: copied as-is into every forked data loader worker, and deaf to fastai's `set_seed`. `_seed()`
-    reseeds it once per process from numpy, which fastai seeds per worker, unless the user gave the pipeline a seed."""
-    _seeded_in, _user_seed = None, False
+FLOAT_OUTPUT_AUGS = {'Normalize', 'ToFloat', 'ToTensorV2', 'ToTensor3D'}  # albumentations transforms that hand on floats or tensors
 
-    def _seed(self):
+def _transforms(t):
+    yield t
+    for child in getattr(t, 'transforms', None) or []: yield from _transforms(child)
+
+class ProcessSeeded:
+    """Mixin for an object holding an albumentations pipeline `self.augs`, which must hand on images in their own dtype. albumentations
+    draws from its own generator, seeded from the OS: copied as-is into every forked data loader worker, and deaf to
+    fastai's `set_seed`. `_augment` reseeds it once per process from numpy, which fastai seeds per worker, unless the
+    user gave the pipeline a seed."""
+    _seeded_in, _user_seed = None, False
+    _float_fix = ("fastai converts uint8 images to float per batch and normalises them there (Normalize.from_stats in "
+                  "batch_tfms; pretrained learners add it), and detection models normalise their input themselves.")
+
+    def _set_augs(self, augs, bbox_params:dict):
+        "Keep `augs`: a Compose, or a list of transforms composed with `bbox_params`"
+        if isinstance(augs, (list, tuple)): augs = A.Compose(list(augs), bbox_params=A.BboxParams(**bbox_params))
+        if not isinstance(augs, A.BaseCompose): raise TypeError(f"Pass an albumentations Compose or a list of albumentations transforms, not {type(augs).__name__}.")
+        floats = sorted({type(t).__name__ for t in _transforms(augs)} & FLOAT_OUTPUT_AUGS)
+        if floats: raise ValueError(f"Remove {', '.join(floats)} from the albumentations pipeline: it must hand on uint8 images. {self._float_fix}")
+        self.augs, self._user_seed = augs, getattr(augs, 'seed', None) is not None
+
+    def _augment(self, **args) -> dict:
+        "`self.augs(**args)`, seeded for this process"
         if self._seeded_in != os.getpid() and not self._user_seed:
             self.augs.set_random_seed(int(np.random.randint(2**31)))
         self._seeded_in = os.getpid()
+        res = self.augs(**args)
+        before, after = args['image'], res['image']
+        if not (isinstance(after, np.ndarray) and after.dtype == before.dtype):
+            raise ValueError(f"The albumentations pipeline turned a {before.dtype} image into {getattr(after, 'dtype', type(after).__name__)}: "
+                             f"it must hand on images as it got them. {self._float_fix}")
+        return res
 
 class AlbumentationsTransform(ProcessSeeded, ItemTransform):
     "Run an albumentations pipeline on the image, mask and boxes of an item (training set only when `split_idx=0`)"
     order = 0  # before PointScaler, so boxes are still in pixels
     def __init__(self, augs, split_idx:int|None=0):
-        if isinstance(augs, (list, tuple)): augs = A.Compose(list(augs), bbox_params=A.BboxParams(**BOX_PARAMS))
-        if not isinstance(augs, A.BaseCompose): raise TypeError(f"Pass an albumentations Compose or a list of albumentations transforms, not {type(augs).__name__}.")
         super().__init__(split_idx=split_idx)
-        self.augs, self._user_seed = augs, getattr(augs, 'seed', None) is not None
+        self._set_augs(augs, BOX_PARAMS)
 
     def encodes(self, item):
-        self._seed()
         item = list(item) if isinstance(item, (tuple, list)) else [item]  # fastcore hands ItemTransforms a list
         img_i = next((i for i, o in enumerate(item) if isinstance(o, PILImage)), None)
         if img_i is None: return tuple(item)
@@ -191,7 +212,7 @@ class AlbumentationsTransform(ProcessSeeded, ItemTransform):
             boxes = item[box_i].reshape(-1, 4).numpy().astype(np.float32) if box_i is not None else np.zeros((0, 4), np.float32)
             labels = item[labels_i].numpy() if labels_i is not None else np.zeros(len(boxes), np.int64)
             args.update(bboxes=boxes, **{f: labels for f in label_fields})
-        res = self.augs(**args)
+        res = self._augment(**args)
         item[img_i] = type(item[img_i]).create(res['image'])
         if mask_i is not None: item[mask_i] = PILMask.create(res['mask'])
         if box_i is not None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from .layers import Bottle2neck, _is_plain
-from .models import Res2Net
+from .models import Res2Net, CheckedSequential
 
 # %% auto #0
 __all__ = ['fold_bn_into_conv', 'fold_bn_into_next', 'fold_batchnorms', 'fuse_for_inference', 'export_onnx', 'check_torch_export']
@@ -109,8 +109,8 @@ def fold_batchnorms(model:nn.Module) -> int:
     n = 0
     for m in list(model.modules()):
         if isinstance(m, Bottle2neck) and type(m).forward is Bottle2neck.forward: n += _fold_block(m, target)
-        # children run one after the other: a plain nn.Sequential's, or a Res2Net's (which checks its input first)
-        if isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward, Res2Net.forward): n += _fold_sequential(m, target)
+        # children run one after the other: a plain nn.Sequential's, or a Res2Net's or its body's (which check their input first)
+        if isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward, CheckedSequential.forward, Res2Net.forward): n += _fold_sequential(m, target)
     return n
 
 # %% ../nbs/08_deploy.ipynb #d8e0a007

@@ -278,21 +278,17 @@ def boxes_from_masks(masks:np.ndarray) -> np.ndarray:
 class DetectionAugment(ProcessSeeded):
     "Apply an albumentations pipeline (a list of transforms or a Compose with pascal_voc bbox_params) to an image, its boxes and masks"
     def __init__(self, augs):
-        import albumentations as A
         params = dict(format='pascal_voc', label_fields=['labels', 'index'], clip=True, filter_invalid_bboxes=True)
-        if isinstance(augs, (list, tuple)): augs = A.Compose(list(augs), bbox_params=A.BboxParams(**params))
-        if not isinstance(augs, A.BaseCompose): raise TypeError(f"Pass a list of albumentations transforms or a Compose, not {type(augs).__name__}.")
-        proc = augs.processors.get('bboxes')
+        self._set_augs(augs, params)
+        proc = self.augs.processors.get('bboxes')
         if proc is None or proc.params.format != 'pascal_voc' or 'index' not in (proc.params.label_fields or []):
             raise ValueError(f"The Compose needs bbox_params=A.BboxParams(**{params}), so that boxes follow the image and dropped "
                              "boxes take their labels and masks with them; or pass a plain list of transforms.")
-        self.augs, self._user_seed = augs, getattr(augs, 'seed', None) is not None
 
     def __call__(self, image:np.ndarray, boxes:np.ndarray, labels:np.ndarray, iscrowd:np.ndarray, masks=None) -> tuple:
-        self._seed()
         args = dict(image=image, bboxes=boxes.reshape(-1, 4), labels=labels, index=np.arange(len(boxes)))
         if masks is not None and len(masks): args['masks'] = list(masks)
-        res = self.augs(**args)
+        res = self._augment(**args)
         keep = np.asarray(res['index'], np.int64)
         image, boxes = res['image'], np.asarray(res['bboxes'], np.float32).reshape(-1, 4)
         labels, iscrowd = labels[keep], iscrowd[keep]

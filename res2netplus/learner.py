@@ -38,10 +38,14 @@ def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
     return learn
 
 def _with_mixer(cbs, mix:str|None) -> list:
-    "`cbs` as a list, plus the mixing callback of `mix` unless `cbs` already holds one"
+    "`cbs` as a list, plus the mixing callback of `mix` unless `cbs` already holds one (which `mix`, if not the default, must name)"
     cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
-    mixer = None if any(isinstance(cb, Mixer) for cb in cbs) else mix_callback(mix)
-    return cbs + ([mixer] if mixer else [])
+    mixer, held = mix_callback(mix), next((cb for cb in cbs if isinstance(cb, Mixer)), None)
+    if held is None: return cbs + ([mixer] if mixer else [])
+    if mixer is not None and mix != RECIPE['mix'] and type(held) is not type(mixer):
+        raise ValueError(f"mix={mix!r} asks for {type(mixer).__name__}, but cbs already hold {type(held).__name__}: "
+                         f"pass the mixer once, by mix= or in cbs (with mix=None).")
+    return cbs
 
 def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_channels_last:bool=True) -> Learner:
     "Mixed precision on a GPU (or as asked); channels_last on a GPU, on a CPU when `cpu_channels_last` (measured faster), or as asked"

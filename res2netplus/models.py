@@ -21,11 +21,12 @@ from .layers import res2net_stage, ConvActNorm, MaxPool2d
 from .weights import load_weights, read_weights, fetch_imagenet_weights
 
 # %% auto #0
-__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'check_finite', 'check_images', 'Res2Net', 'variant_row',
-           'create_res2net', 'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s', 'res2net50_26w_6s',
-           'res2net50_26w_8s', 'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d', 'res2netplus50',
-           'res2netplus101', 'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s', 'res2netplus50_26w_6s',
-           'res2netplus50_26w_8s', 'res2nextplus50', 'res2net_split']
+__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'check_finite', 'check_images', 'CheckedSequential',
+           'Res2Net', 'variant_row', 'create_res2net', 'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s',
+           'res2net50_26w_6s', 'res2net50_26w_8s', 'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d',
+           'res2netplus50', 'res2netplus101', 'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s',
+           'res2netplus50_26w_6s', 'res2netplus50_26w_8s', 'res2nextplus50', 'Res2NetBody', 'res2net_body',
+           'res2net_split']
 
 # %% ../nbs/02_models.ipynb #0c4457ea
 def _norm_act(nf:int, act_cls, bn_1st:bool):
@@ -77,9 +78,29 @@ def check_images(x, name:str, n_in:int, min_size:int, too_small_fix:str, finite:
         raise ValueError(f"{name} needs images of at least {min_size}×{min_size} px (its output stride), got {tuple(x.shape[-2:])}. {too_small_fix}")
     if finite: check_finite(x, name)
 
-class Res2Net(nn.Sequential):
+class CheckedSequential(nn.Sequential):
+    "An `nn.Sequential` of image layers that refuses, naming the fix, a batch it can't take; its slices are plain `nn.Sequential`s"
+    min_size, check_finite = 32, False  # set per instance: the output stride, and whether to scan inputs for NaN/Inf
+
+    def __getitem__(self, idx):
+        "Slices are plain `nn.Sequential`s (fastai's splitters slice models)"
+        if isinstance(idx, slice): return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    @property
+    def in_chans(self) -> int: return next(m for m in self.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+    def check_input(self, x):
+        "Raise a `ValueError` naming the fix if `x` is not a batch of images this network can take"
+        check_images(x, type(self).__name__, self.in_chans, self.min_size, "Resize them, e.g. item_tfms=Resize(64) in fastai.",
+                     self.check_finite)
+
+    def forward(self, x):
+        self.check_input(x)
+        return super().forward(x)
+
+class Res2Net(CheckedSequential):
     "Res2Net, Res2NeXt and Res2NetPlus: an `nn.Sequential` of named stem layers, four stages and a classifier head"
-    min_size = 32  # the output stride (per instance): smaller images leave the last stage nothing but padding
     def __init__(self, layers=(3, 4, 6, 3), base_width:int=26, scale:int=4, cardinality:int=1, stem_type:str='',
                  stem_szs=(32, 32, 64), avg_down:bool=False, act_cls=nn.ReLU, bn_1st:bool=True, in_chans:int=3,
                  num_classes:int=1000, drop_rate:float=0., drop_path_rate:float=0., global_pool:str='avg',
@@ -125,19 +146,6 @@ class Res2Net(nn.Sequential):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
                 if m.bias is not None: nn.init.zeros_(m.bias)
             if zero_init_last and hasattr(m, 'zero_init_last'): m.zero_init_last()
-
-    def __getitem__(self, idx):
-        "Slices are plain `nn.Sequential`s (fastai's splitters slice models)"
-        if isinstance(idx, slice): return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)
-
-    @property
-    def in_chans(self) -> int: return next(m for m in self.modules() if isinstance(m, nn.Conv2d)).in_channels
-
-    def check_input(self, x):
-        "Raise a `ValueError` naming the fix if `x` is not a batch of images this network can take"
-        check_images(x, type(self).__name__, self.in_chans, self.min_size, "Resize them, e.g. item_tfms=Resize(64) in fastai.",
-                     getattr(self, 'check_finite', False))
 
     def forward_features(self, x):
         for name, m in self.named_children():
@@ -303,12 +311,21 @@ RES2NET_FACTORIES = {f.__name__: f for f in (
     res2netplus50_14w_8s, res2netplus50_26w_6s, res2netplus50_26w_8s, res2nextplus50)}
 
 # %% ../nbs/02_models.ipynb #ad1282e4
+class Res2NetBody(CheckedSequential):
+    "A learner's body: the stem and stages of a `Res2Net`, numbered as fastai's `create_body` numbers them, checking its input as the network does"
+
+def res2net_body(model:Res2Net) -> Res2NetBody:
+    "fastai's `cut` for a `Res2Net`: everything before the global pool, as a `Res2NetBody`"
+    body = Res2NetBody(*list(model.children())[:-4])
+    body.min_size, body.check_finite = model.min_size, model.check_finite
+    return body
+
 def res2net_split(m):
     "Parameter groups of a cut Res2Net with its head (or a U-Net on it): stem, stages, head"
     return L(m[0][:4], m[0][4:], m[1:]).map(params)
 
 for _f in RES2NET_FACTORIES.values():
-    model_meta[_f] = {'cut': -4, 'split': res2net_split, 'stats': imagenet_stats, 'weights': 'DEFAULT'}
+    model_meta[_f] = {'cut': res2net_body, 'split': res2net_split, 'stats': imagenet_stats, 'weights': 'DEFAULT'}
 
 # %% ../nbs/02_models.ipynb #ee629fc8
 default_cfgs = {name: _cfg(name) for name in RES2NET_VARIANTS if 'plus' in name}

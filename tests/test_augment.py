@@ -253,6 +253,22 @@ def test_transform_runs_on_training_split_only_by_default():
         AlbumentationsTransform(A.Compose([A.HorizontalFlip(p=1)]))((img, TensorBBox(torch.zeros(1, 4)), TensorMultiCategory(torch.tensor([1]))), split_idx=0)
     with pytest.raises(TypeError, match='albumentations'): AlbumentationsTransform(lambda x: x)
 
+def _to_float(image, **kwargs): return image.astype(np.float32) / 255
+
+def test_pipelines_that_hand_on_floats_are_refused():
+    """A.Normalize in an item pipeline failed deep inside PIL (fastai) or was divided by 255 a second time (detection, silent
+    damage): refused when built, naming fastai's Normalize; a float image from any other transform is refused when made"""
+    from res2netplus.detection import DetectionAugment
+    for bad in ([A.Normalize()], A.Compose([A.OneOf([A.HorizontalFlip(), A.ToFloat()])]), [A.HorizontalFlip(), A.ToTensorV2()]):
+        for cls in (AlbumentationsTransform, DetectionAugment):
+            with pytest.raises(ValueError, match=r'Remove (Normalize|ToFloat|ToTensorV2) .*uint8.*Normalize\.from_stats'): cls(bad)
+    img = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match='turned a uint8 image into float32'):
+        AlbumentationsTransform([A.Lambda(image=_to_float)])((PILImage.create(img),), split_idx=0)
+    no_boxes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    with pytest.raises(ValueError, match='turned a uint8 image into float32'): DetectionAugment([A.Lambda(image=_to_float)])(img, *no_boxes)
+    assert DetectionAugment([A.HorizontalFlip(p=1)])(img, *no_boxes)[0].dtype == np.uint8
+
 def test_detection_datablock_keeps_boxes_on_objects(tmp_path):
     "Through a fastai DataBlock (boxes rescaled by PointScaler after the bridge), with show_batch"
     import matplotlib; matplotlib.use('Agg')

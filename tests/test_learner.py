@@ -3,7 +3,7 @@ import pytest, torch
 import safetensors.torch
 from res2netplus.models import res2net50d
 from res2netplus.learner import res2netplus_learner, RECIPE
-from res2netplus.augment import CutMix
+from res2netplus.augment import CutMix, MixUp, Mixer
 
 def test_fit_recipe_unfreezes_a_pretrained_body_like_fine_tune(dls, tmp_path):
     safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'in1k.safetensors')
@@ -43,3 +43,13 @@ def test_a_weights_file_is_fine_tuned_like_pretrained_weights(dls, tmp_path):
     learn = res2netplus_learner(dls, 'res2netplus50', weights=tmp_path/'in1k.safetensors')
     assert not any(p.requires_grad for p in learn.splitter(learn.model)[1] if p.ndim > 1)
     assert any(type(t).__name__ == 'Normalize' for t in learn.dls.after_batch.fs)
+
+def test_a_mixer_in_cbs_and_another_named_by_mix_are_refused(dls):
+    "mix='mixup' beside cbs=[CutMix()] trained with CutMix alone, silently; the default mix gives way to the user's callback"
+    with pytest.raises(ValueError, match=r"mix='mixup' asks for MixUp, but cbs already hold CutMix"):
+        res2netplus_learner(dls, 'res2netplus50', mix='mixup', cbs=[CutMix()])
+    mine = CutMix(p=0.5)
+    for mix in (RECIPE['mix'], 'cutmix', None):
+        mixers = [cb for cb in res2netplus_learner(dls, 'res2netplus50', mix=mix, cbs=mine).cbs if isinstance(cb, Mixer)]
+        assert mixers == [mine]
+    assert [type(cb) for cb in res2netplus_learner(dls, 'res2netplus50', cbs=[MixUp()]).cbs if isinstance(cb, Mixer)] == [MixUp]
