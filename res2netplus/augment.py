@@ -88,6 +88,7 @@ class Mixer(Callback):
         yb, self.perm_yb, self.weights = [], [], []
         for y in self.yb:
             yp, dense = y[perm], y.ndim >= 3 and y.shape[-2:] == x.shape[-2:]
+            if y.ndim == 2 and not y.is_floating_point(): y, yp = y.float(), yp.float()  # integer multi-hot targets: blended, as BCE reads them
             w = (keep if y.ndim == 4 else keep[:, 0]) if dense else self.lam.view(-1, *[1]*(y.ndim - 1))
             if y.is_floating_point(): yb.append(torch.lerp(yp, y, w.to(y.dtype))); w = None  # soft targets are blended
             elif dense and binary: yb.append(torch.where(w.bool(), y, yp)); w = None      # the mixed mask is known exactly

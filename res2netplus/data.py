@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_data.ipynb #f56e1283
 from __future__ import annotations
-import os
+import json, os
 from importlib.resources import files
 from pathlib import Path
 import numpy as np
@@ -21,26 +21,33 @@ IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '
 
 def default_cache_dir() -> Path:
     "Where the package writes data: `$RES2NETPLUS_HOME`, else `~/.cache/res2netplus`"
-    return Path(os.environ.get('RES2NETPLUS_HOME', Path.home()/'.cache'/'res2netplus'))
+    return Path(os.environ.get('RES2NETPLUS_HOME', Path.home()/'.cache'/'res2netplus')).expanduser()
 
-def _write_tree(dest:Path, classes:list, splits:dict) -> Path:
-    "Write `splits` ({'train': (images, labels), …}) as `dest/<split>/<class>/<i>.png`, once"
+def _made(dest:Path, params:dict) -> bool:
+    "Whether `dest` holds a dataset finished with these `params`; raise if it holds one made with others"
     done = dest/'.complete'
-    if done.exists(): return dest
+    if not done.exists(): return False
+    made = json.loads(done.read_text() or '{}')  # an empty marker: a dataset without parameters
+    if made != params: raise ValueError(f"{dest} holds a dataset made with {made}, not {params}: pass another folder, or delete it.")
+    return True
+
+def _write_tree(dest:Path, classes:list, splits:dict, params:dict) -> Path:
+    "Write `splits` ({'train': (images, labels), …}) as `dest/<split>/<class>/<i>.png`, once per `params`"
+    if _made(dest, params): return dest
     for split, (images, labels) in splits.items():
         for i, (img, label) in enumerate(zip(images, labels)):
             d = dest/split/classes[label]; d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(d/f'{i:05d}.png')
-    done.touch()
+    (dest/'.complete').write_text(json.dumps(params) if params else '')
     return dest
 
 def fashion_mnist_sample(dest=None) -> Path:
     "Write the bundled Fashion-MNIST subset as `dest/{train,valid}/<class>/*.png` (once) and return `dest`"
-    dest = Path(dest) if dest is not None else default_cache_dir()/'fashion_mnist_2500'
-    if (dest/'.complete').exists(): return dest
+    dest = Path(dest).expanduser() if dest is not None else default_cache_dir()/'fashion_mnist_2500'
+    if _made(dest, {}): return dest
     data = np.load(files('res2netplus')/'data'/'fashion_mnist_2500.npz')
     return _write_tree(dest, [str(c) for c in data['classes']],
-                       {s: (data[f'{s}_images'], data[f'{s}_labels']) for s in ('train', 'valid')})
+                       {s: (data[f'{s}_images'], data[f'{s}_labels']) for s in ('train', 'valid')}, {})
 
 # %% ../nbs/03_data.ipynb #110ba1e2
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
@@ -49,10 +56,13 @@ FASHION_MNIST_CLASSES = ['T-shirt_top', 'Trouser', 'Pullover', 'Dress', 'Coat', 
 def read_idx(path) -> np.ndarray:
     "Read an IDX file (gzipped or not), the format of MNIST and Fashion-MNIST"
     import gzip
-    raw = (gzip.open if str(path).endswith('.gz') else open)(path, 'rb').read()
-    if raw[:2] != b'\0\0' or raw[2] != 8: raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
+    damaged = f"{path} is damaged (truncated, or not what its name says): install or download it again"
+    try: raw = (gzip.open if str(path).endswith('.gz') else open)(path, 'rb').read()
+    except (EOFError, OSError) as e: raise ValueError(f"{damaged} ({type(e).__name__}: {e}).") from None
+    if len(raw) < 4 or raw[:2] != b'\0\0' or raw[2] != 8: raise ValueError(f"{path} is not an IDX file of unsigned bytes.")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4+4*i:8+4*i], 'big') for i in range(ndim))
+    if len(raw) != 4 + 4*ndim + int(np.prod(shape)): raise ValueError(f"{damaged}: its header says {shape}, it holds {len(raw) - 4 - 4*ndim} bytes of data.")
     return np.frombuffer(raw, np.uint8, offset=4 + 4*ndim).reshape(shape)
 
 def load_fashion_mnist(root=FASHION_MNIST_DIR) -> dict:
@@ -63,20 +73,32 @@ def load_fashion_mnist(root=FASHION_MNIST_DIR) -> dict:
     missing = [names[k] for k, v in found.items() if v is None]
     if missing: raise FileNotFoundError(f"Fashion-MNIST files missing in {root}: {', '.join(missing)}. Install them with "
                                         f"`apt-get install -y dataset-fashion-mnist`, or pass the folder that holds them.")
-    return {k: read_idx(v) for k, v in found.items()}
+    data = {k: read_idx(v) for k, v in found.items()}
+    for split in ('train', 'test'):
+        if len(data[split]) != len(data[f'{split}_labels']):
+            raise ValueError(f"{found[split]} holds {len(data[split])} images but {found[f'{split}_labels']} {len(data[f'{split}_labels'])} labels: "
+                             "one of them is damaged or from another dataset; install or download them again.")
+    return data
 
 def fashion_mnist_subset(dest, n_train:int=200, n_valid:int=50, seed:int=0, root=FASHION_MNIST_DIR) -> Path:
     "Write a class-balanced Fashion-MNIST subset, `n_train`/`n_valid` images per class, as a folder tree at `dest`"
-    dest = Path(dest)
-    if (dest/'.complete').exists(): return dest
+    dest, params = Path(dest).expanduser(), dict(n_train=int(n_train), n_valid=int(n_valid), seed=int(seed))
+    if not (1 <= n_train <= 6000 and 1 <= n_valid <= 1000):
+        raise ValueError(f"Fashion-MNIST has 6,000 training and 1,000 test images per class: n_train must be in 1…6000 and "
+                         f"n_valid in 1…1000, got {n_train} and {n_valid}.")
+    if _made(dest, params): return dest
     data, rng = load_fashion_mnist(root), np.random.default_rng(seed)
     def pick(labels, n): return np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c in range(10)])
     tr, va = pick(data['train_labels'], n_train), pick(data['test_labels'], n_valid)
     return _write_tree(dest, FASHION_MNIST_CLASSES, dict(train=(data['train'][tr], data['train_labels'][tr]),
-                                                         valid=(data['test'][va], data['test_labels'][va])))
+                                                         valid=(data['test'][va], data['test_labels'][va])), params)
 
 # %% ../nbs/03_data.ipynb #2fc042b7
-def _images(folder:Path) -> list: return [p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS]
+def _hidden(p:Path, folder:Path) -> bool: return any(part.startswith('.') for part in p.relative_to(folder).parts)
+
+def _images(folder:Path) -> list:
+    "The images under `folder`, skipping hidden files and folders as fastai's `get_image_files` does (.ipynb_checkpoints, macOS ._ files)"
+    return [p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p, folder)]
 
 def _readable(f, decode:bool) -> bool:
     try:
@@ -102,7 +124,7 @@ def check_image_folder(path, train:str='train', valid:str='valid', decode:bool=F
     for split in (train, valid):
         d = path/split
         if not d.is_dir(): raise FileNotFoundError(f"{d} is missing. {layout}")
-        folders = sorted(p for p in d.iterdir() if p.is_dir())
+        folders = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith('.'))
         if not folders: raise ValueError(f"{d} has no class folders. {layout}")
         images = {f.name: _images(f) for f in folders}
         nested = [str(i) for v in images.values() for i in v if i.parent.parent != d]
@@ -178,15 +200,11 @@ def _shapes_item(h:int, w:int, max_objects:int, rng) -> tuple:
 
 def make_shapes(dest, n_images:int=24, size=64, seed:int=0, max_objects:int=3) -> Path:
     "Write a segmentation dataset of circles, squares and triangles as `dest/{images,masks}/NNNN.png` and `dest/codes.txt`, once"
-    import json
     dest = Path(dest).expanduser()
     h, w = _hw(size)
     if n_images < 1 or max_objects < 1: raise ValueError(f"make_shapes needs n_images ≥ 1 and max_objects ≥ 1 (got {n_images}, {max_objects}).")
     params = dict(n_images=int(n_images), size=[h, w], seed=int(seed), max_objects=int(max_objects))
-    done = dest/'.complete'
-    if done.exists():
-        if json.loads(done.read_text()) == params: return dest
-        raise ValueError(f"{dest} holds a shapes dataset made with {json.loads(done.read_text())}, not {params}: pass another folder, or delete it.")
+    if _made(dest, params): return dest
     (dest/'images').mkdir(parents=True, exist_ok=True); (dest/'masks').mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n_images):
@@ -194,7 +212,7 @@ def make_shapes(dest, n_images:int=24, size=64, seed:int=0, max_objects:int=3) -
         Image.fromarray(img, 'RGB').save(dest/'images'/f'{i:04d}.png')
         Image.fromarray(mask, 'L').save(dest/'masks'/f'{i:04d}.png')
     (dest/'codes.txt').write_text('\n'.join(SHAPES_CODES) + '\n')
-    done.write_text(json.dumps(params))
+    (dest/'.complete').write_text(json.dumps(params))
     return dest
 
 # %% ../nbs/03_data.ipynb #bbffa232

@@ -6,6 +6,7 @@
 # %% ../nbs/07_detection.ipynb #3c9e5b84
 from __future__ import annotations
 import json, math, warnings, xml.etree.ElementTree as ET
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -19,7 +20,7 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredict
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from .models import Res2Net, RES2NET_FACTORIES
-from .learner import _arch
+from .learner import _arch, _res2net_factory, _build_res2net
 from .augment import ProcessSeeded
 from .distributed import in_data_parallel, ProcessShare
 
@@ -39,14 +40,6 @@ __all__ = ['NORMS', 'RCNN_REFERENCE', 'DETECTORS', 'COCO_STATS', 'IOU_TYPES', 'D
 
 # %% ../nbs/07_detection.ipynb #0b6d1e57
 NORMS = ('frozen', 'bn', 'sync')
-
-def _res2net_factory(arch):
-    "A Res2Net factory from a factory or a variant name"
-    f = _arch(arch)
-    if isinstance(f, str) or not callable(f):
-        raise ValueError(f"arch={arch!r} is not a Res2Net variant: pass a factory such as res2netplus50 or one of the names "
-                         f"{', '.join(RES2NET_FACTORIES)}.")
-    return f
 
 def frozen_batchnorm(module:nn.Module) -> nn.Module:
     "`module` with every `BatchNorm2d` replaced by a `FrozenBatchNorm2d` holding the same statistics and affine (a BatchNorm itself: its frozen copy)"
@@ -80,8 +73,7 @@ def res2net_fpn_backbone(arch='res2netplus50', pretrained:bool=False, weights=No
     if norm == 'frozen' and not trained and trainable_layers:
         warnings.warn("norm='frozen' without pretrained weights freezes random BatchNorm statistics (and zero last-BN gammas, "
                       "which switch residual branches off): use norm='bn' to train from scratch.")
-    body = _res2net_factory(arch)(pretrained=pretrained, weights=weights, **arch_kwargs)
-    if not isinstance(body, Res2Net): raise ValueError(f"arch={arch!r} built a {type(body).__name__}, not a Res2Net.")
+    body = _build_res2net(arch, pretrained=pretrained, weights=weights, **arch_kwargs)
     names = [n for n, _ in body.named_children()]
     stem, stages = names[:names.index('layer1')], [f'layer{k}' for k in range(1, 5)]
     trainable = stages[4 - min(trainable_layers, 4):] + (stem if trainable_layers == 5 else [])
@@ -175,6 +167,9 @@ DETECTORS = {'detect': fasterrcnn_res2net_fpn, 'instance': maskrcnn_res2net_fpn}
 def _segm_to_mask(segm, h:int, w:int) -> np.ndarray:
     "A COCO segmentation (polygons, uncompressed or compressed RLE) as an h×w uint8 mask"
     from pycocotools import mask as mask_utils
+    if isinstance(segm, dict) and 'size' in segm and [int(v) for v in segm['size']] != [h, w]:
+        raise ValueError(f"An RLE segmentation of size {list(segm['size'])} on an image of height {h} and width {w}: it belongs to "
+                         "another image or to a resized copy of this one; fix the annotation's size and counts.")
     if isinstance(segm, list):
         polys = [p for p in segm if len(p) >= 6]
         if not polys: return np.zeros((h, w), np.uint8)
@@ -216,11 +211,20 @@ def coco_detection_items(images_dir, ann_json) -> tuple:
     except Exception as e: raise ValueError(f"Cannot read {ann_json} as JSON ({type(e).__name__}: {e}). {layout}") from None
     missing = [k for k in ('images', 'annotations', 'categories') if k not in coco]
     if missing: raise ValueError(f"{ann_json} has no {', '.join(missing)}. {layout}")
+    if not coco['categories']: raise ValueError(f"{ann_json} lists no categories: add one per class, e.g. {{'id': 1, 'name': 'cat'}}.")
+    for kind, entries, fields in (('category', coco['categories'], ('id', 'name')), ('image', coco['images'], ('id', 'file_name', 'height', 'width'))):
+        lacking = next((e for e in entries if any(f not in e for f in fields)), None)
+        if lacking is not None: raise ValueError(f"{ann_json}: the {kind} {str(lacking)[:120]} lacks {', '.join(f for f in fields if f not in lacking)}. Every {kind} needs {', '.join(fields)}.")
+        twice = [i for i, n in Counter(e['id'] for e in entries).items() if n > 1]
+        if twice: raise ValueError(f"{ann_json} lists {kind} id {twice[0]} more than once: give each {kind} its own id (merged datasets need renumbering).")
     cats = sorted(coco['categories'], key=lambda c: c['id'])
-    if not cats: raise ValueError(f"{ann_json} lists no categories: add one per class, e.g. {{'id': 1, 'name': 'cat'}}.")
     label_of = {c['id']: i + 1 for i, c in enumerate(cats)}
     per_image = {im['id']: [] for im in coco['images']}
     for a in coco['annotations']:
+        bbox = a.get('bbox')
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise ValueError(f"Annotation {a.get('id')} of {ann_json} has bbox {bbox!r}, not [x, y, width, height]: add one "
+                             "(pycocotools.mask.toBbox gives it from a segmentation).")
         if a.get('image_id') not in per_image: raise ValueError(f"Annotation {a.get('id')} of {ann_json} names image_id {a.get('image_id')}, which is not in its images.")
         if a.get('category_id') not in label_of: raise ValueError(f"Annotation {a.get('id')} of {ann_json} names category_id {a.get('category_id')}, which is not in its categories.")
         per_image[a['image_id']].append(a)
@@ -235,6 +239,13 @@ def coco_detection_items(images_dir, ann_json) -> tuple:
                                [int(a.get('iscrowd', 0)) for a in anns], segms if all(s for s in segms) else None, im['id']))
     return clean_boxes(records, ann_json), ['background'] + [c['name'] for c in cats], [c['id'] for c in cats]
 
+def _xml_text(node, path:str, source) -> str:
+    found = node.find(path)
+    if found is None or not (found.text or '').strip():
+        raise ValueError(f"{source} has no <{path}>: a Pascal-VOC annotation needs <filename>, <size> with <width> and <height>, and "
+                         "per <object> a <name> and a <bndbox> with <xmin>, <ymin>, <xmax>, <ymax>.")
+    return found.text
+
 def voc_detection_items(annotations_dir, images_dir, classes=None) -> tuple:
     "The records of a folder of Pascal-VOC XML files, and the class names (background first; sorted unless `classes` gives them)"
     annotations_dir, images_dir = Path(annotations_dir).expanduser(), Path(images_dir).expanduser()
@@ -242,16 +253,15 @@ def voc_detection_items(annotations_dir, images_dir, classes=None) -> tuple:
     if not files: raise ValueError(f"No .xml annotations in {annotations_dir}: expected Pascal-VOC files (Annotations/*.xml).")
     parsed = []
     for f in files:
-        root = ET.parse(f).getroot()
-        size = root.find('size')
+        try: root = ET.parse(f).getroot()
+        except ET.ParseError as e: raise ValueError(f"{f} is not well-formed XML ({e}): fix or remove it.") from None
         objs = []
         for o in root.findall('object'):
-            bb = o.find('bndbox')
-            x1, y1, x2, y2 = (float(bb.find(k).text) for k in ('xmin', 'ymin', 'xmax', 'ymax'))
-            objs.append((o.find('name').text.strip(), [x1 - 1, y1 - 1, x2, y2], int(float(getattr(o.find('difficult'), 'text', 0) or 0))))  # VOC pixels count from 1
-        image = images_dir/root.find('filename').text
+            x1, y1, x2, y2 = (float(_xml_text(o, f'bndbox/{k}', f)) for k in ('xmin', 'ymin', 'xmax', 'ymax'))
+            objs.append((_xml_text(o, 'name', f).strip(), [x1 - 1, y1 - 1, x2, y2], int(float(getattr(o.find('difficult'), 'text', 0) or 0))))  # VOC pixels count from 1
+        image = images_dir/_xml_text(root, 'filename', f)
         if not image.is_file(): raise ValueError(f"{f} names image {image}, which does not exist.")
-        parsed.append((image, int(size.find('height').text), int(size.find('width').text), objs))
+        parsed.append((image, int(_xml_text(root, 'size/height', f)), int(_xml_text(root, 'size/width', f)), objs))
     names = sorted({n for *_, objs in parsed for n, _, _ in objs}) if classes is None else [c for c in classes if c != 'background']
     unknown = sorted({n for *_, objs in parsed for n, _, _ in objs} - set(names))
     if unknown: raise ValueError(f"Objects of classes {', '.join(unknown)} are not in classes={classes!r}: add them.")
@@ -447,8 +457,14 @@ def voc_dataloaders(root, masks:bool=False, augs='default', valid_pct:float=0.2,
     full = DetectionDataset(records, classes)
     sets = root/'ImageSets'/'Main'
     if (sets/'train.txt').is_file() and (sets/'val.txt').is_file():
-        index = {r['file'].stem: i for i, r in enumerate(records)}
-        t, v = ([index[s] for s in (sets/f).read_text().split() if s in index] for f in ('train.txt', 'val.txt'))
+        # VOC's ids name the annotation files (a record's image_id is its file's place in sorted order), not the images
+        xml_ids = [f.stem for f in sorted((root/'Annotations').glob('*.xml'))]
+        index = {xml_ids[r['image_id']]: i for i, r in enumerate(records)}
+        t, v = ((sets/f).read_text().split() for f in ('train.txt', 'val.txt'))
+        unknown = [s for s in t + v if s not in index]
+        if unknown: raise ValueError(f"{len(unknown)} id(s) in {sets}/train.txt or val.txt have no Annotations/<id>.xml ({', '.join(unknown[:3])}"
+                                     f"{' …' if len(unknown) > 3 else ''}): fix the lists, or remove them to split at random (valid_pct).")
+        t, v = [index[s] for s in t], [index[s] for s in v]
     else: t, v = split_records(len(full), valid_pct, seed)
     return detection_dataloaders(full.subset(t, augment), full.subset(v), bs=bs, path=root, **kwargs)
 
@@ -464,7 +480,7 @@ def detection_dataloaders_from_folder(path, masks:bool=False, **kwargs) -> DataL
                      "(Annotations/*.xml and JPEGImages/).")
 
 # %% ../nbs/07_detection.ipynb #7e5f1a08
-from .data import SHAPES_CODES, SHAPES_COLOURS, _hw
+from .data import SHAPES_CODES, SHAPES_COLOURS, _hw, _made
 
 def _shape_annotation(kind:int, h:int, w:int, r:float, cy:float, cx:float, angle:float) -> tuple:
     "The COCO segmentation of one shape and its decoded mask: an RLE circle, or a square/triangle polygon"
@@ -485,11 +501,8 @@ def make_detection_shapes(dest, n_images:int=20, size=128, seed:int=0, max_objec
     h, w = _hw(size)
     params = dict(n_images=int(n_images), size=[h, w], seed=int(seed), max_objects=int(max_objects), min_radius=min_radius,
                   max_radius=max_radius, empty_every=int(empty_every))
-    done = dest/'.complete'
-    if done.exists():
-        if json.loads(done.read_text()) == params: return dest
-        raise ValueError(f"{dest} holds a shapes dataset made with {json.loads(done.read_text())}, not {params}: pass another folder, or delete it.")
     if n_images < 1 or max_objects < 1: raise ValueError(f"make_detection_shapes needs n_images ≥ 1 and max_objects ≥ 1 (got {n_images}, {max_objects}).")
+    if _made(dest, params): return dest
     from PIL import Image
     (dest/'images').mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -515,7 +528,7 @@ def make_detection_shapes(dest, n_images:int=20, size=128, seed:int=0, max_objec
         images.append(dict(id=i, file_name=f'{i:04d}.png', height=h, width=w))
     cats = [dict(id=k, name=SHAPES_CODES[k], supercategory='shape') for k in (1, 2, 3)]
     (dest/'annotations.json').write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
-    done.write_text(json.dumps(params))
+    (dest/'.complete').write_text(json.dumps(params))
     return dest
 
 # %% ../nbs/07_detection.ipynb #1e8c5d47
@@ -573,7 +586,10 @@ class COCOAccumulator:
         if iou_type == 'segm' and not all(im['has_masks'] for im in self.images): return nan
         cats = sorted(set(categories or []) | {g['category_id'] for g in self.gts} | {d['category_id'] for d in self.dets})
         if not self.gts or not self.images: return nan
-        if not self.dets: res = {**dict.fromkeys(COCO_STATS, 0.)}
+        if not self.dets:  # nothing detected: 0 where some object could have been found, NaN where none exists (as COCOeval)
+            areas = [g['area'] for g in self.gts if not g['iscrowd']]
+            ranges = dict(APs=(0, 32**2), APm=(32**2, 96**2), APl=(96**2, 1e10))
+            res = {k: 0. if any(lo <= a <= hi for a in areas for lo, hi in [ranges.get(k, (0, 1e10))]) else float('nan') for k in COCO_STATS}
         else:
             with contextlib.redirect_stdout(io.StringIO()):
                 gt = COCO(); gt.dataset = dict(images=[{k: v for k, v in im.items() if k not in ('has_masks', 'key')} for im in self.images],

@@ -14,7 +14,7 @@ from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntr
                                CancelFitException, SkipToEpoch, set_seed, noop, rank_distrib, num_distrib)
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
-from .models import RES2NET_FACTORIES, res2netplus50, variant_row, check_finite
+from .models import RES2NET_FACTORIES, Res2Net, res2netplus50, variant_row, check_finite
 from .augment import Mixer, mix_callback, ProcessSeeded
 
 # %% auto #0
@@ -29,6 +29,25 @@ def _arch(arch):
         if arch in RES2NET_FACTORIES: return RES2NET_FACTORIES[arch]
         if arch.startswith(('res2net', 'res2next')): variant_row(arch)  # raises with a close-match suggestion
     return arch  # a factory, or a timm / torchvision name that vision_learner resolves
+
+def _res2net_factory(arch):
+    "The Res2Net factory `arch` names (a factory or a variant name), for the heads that need a Res2Net"
+    f = _arch(arch)
+    if isinstance(f, str) or not callable(f):
+        raise ValueError(f"arch={arch!r} is not a Res2Net variant: pass a factory such as res2netplus50 or one of the names "
+                         f"{', '.join(RES2NET_FACTORIES)}.")
+    return f
+
+def _build_res2net(arch, **kwargs) -> Res2Net:
+    "`arch(**kwargs)`, refused with the fix unless it builds a `Res2Net` (torchvision's and fastai's factories take other arguments)"
+    f = _res2net_factory(arch)
+    name = getattr(f, '__name__', repr(f))
+    try: model = f(**kwargs)
+    except TypeError as e:
+        if f in RES2NET_FACTORIES.values(): raise
+        raise ValueError(f"arch={name} is not a Res2Net factory ({e}): pass one such as res2netplus50.") from None
+    if not isinstance(model, Res2Net): raise ValueError(f"arch={name} built a {type(model).__name__}, not a Res2Net: pass a factory such as res2netplus50.")
+    return model
 
 def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
     if precision == 'auto': precision = (('bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16') if on_gpu else None)

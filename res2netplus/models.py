@@ -78,6 +78,15 @@ def check_images(x, name:str, n_in:int, min_size:int, too_small_fix:str, finite:
         raise ValueError(f"{name} needs images of at least {min_size}×{min_size} px (its output stride), got {tuple(x.shape[-2:])}. {too_small_fix}")
     if finite: check_finite(x, name)
 
+def _pooling(global_pool:str, num_classes:int) -> tuple:
+    "The head's pooling and flattening: 'avg', 'max', or '' (none: the model returns its last feature map, so no classifier)"
+    pools = {'avg': nn.AdaptiveAvgPool2d, 'max': nn.AdaptiveMaxPool2d}
+    if global_pool == '' and num_classes == 0: return nn.Identity(), nn.Identity()
+    if global_pool not in pools:
+        raise ValueError(f"global_pool must be 'avg', 'max', or '' with num_classes=0 (unpooled features), got {global_pool!r} "
+                         f"with num_classes={num_classes}.")
+    return pools[global_pool](1), nn.Flatten()
+
 class CheckedSequential(nn.Sequential):
     "An `nn.Sequential` of image layers that refuses, naming the fix, a batch it can't take; its slices are plain `nn.Sequential`s"
     min_size, check_finite = 32, False  # set per instance: the output stride, and whether to scan inputs for NaN/Inf
@@ -113,8 +122,7 @@ class Res2Net(CheckedSequential):
         for name, p in (('drop_rate', drop_rate), ('drop_path_rate', drop_path_rate)):
             if not 0 <= p < 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}.")
         if output_stride not in (8, 16, 32): raise ValueError(f"output_stride must be 8, 16 or 32 (32: no dilation), got {output_stride!r}.")
-        pools = {'avg': nn.AdaptiveAvgPool2d, 'max': nn.AdaptiveMaxPool2d}
-        if global_pool not in pools: raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}.")
+        pool, flatten = _pooling(global_pool, num_classes)
         stem = res2net_stem(stem_type, in_chans, stem_szs, act_cls, bn_1st)
         n_blocks = sum(layers)
         dprs = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
@@ -129,7 +137,7 @@ class Res2Net(CheckedSequential):
                 cardinality=cardinality, act_cls=act_cls, bn_1st=bn_1st)))
             inplanes, start = planes * 4, start + n
             feature_info.append(dict(num_chs=inplanes, reduction=net_stride, module=f'layer{i+1}'))
-        head = [('global_pool', pools[global_pool](1)), ('flatten', nn.Flatten()), ('head_drop', nn.Dropout(drop_rate)),
+        head = [('global_pool', pool), ('flatten', flatten), ('head_drop', nn.Dropout(drop_rate)),
                 ('fc', nn.Linear(inplanes, num_classes) if num_classes else nn.Identity())]
         super().__init__(OrderedDict(stem + stages + head))
         self.num_classes, self.num_features, self.drop_rate = num_classes, inplanes, drop_rate
@@ -148,6 +156,7 @@ class Res2Net(CheckedSequential):
             if zero_init_last and hasattr(m, 'zero_init_last'): m.zero_init_last()
 
     def forward_features(self, x):
+        self.check_input(x)  # here, not in forward: timm's and fastai's timm routes call forward_features alone
         for name, m in self.named_children():
             if name == 'global_pool': break
             x = m(x)
@@ -157,13 +166,15 @@ class Res2Net(CheckedSequential):
         x = self.head_drop(self.flatten(self.global_pool(x)))
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x):
-        self.check_input(x)
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x): return self.forward_head(self.forward_features(x))
 
     def get_classifier(self, name_only=False): return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes:int, global_pool=None):
+        "timm's: a fresh `num_classes` classifier (0: none) and, if given, pooling `global_pool`"
+        if global_pool is not None: self.global_pool, self.flatten = _pooling(global_pool, num_classes)
+        elif num_classes and isinstance(self.global_pool, nn.Identity):
+            raise ValueError("The model has no global pooling: pass global_pool='avg' or 'max' with num_classes > 0.")
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 

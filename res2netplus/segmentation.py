@@ -20,7 +20,7 @@ from fastai.data.transforms import get_c
 from fastai.vision.learner import create_body, model_meta, _add_norm, _default_meta
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
-from .learner import RECIPE, _arch, _with_mixer, _accelerate
+from .learner import RECIPE, _arch, _res2net_factory, _build_res2net, _with_mixer, _accelerate
 from .distributed import ProcessShare
 
 # %% auto #0
@@ -205,9 +205,8 @@ def create_seg_model(arch, n_out:int, head:str='unet', img_size=(64, 64), pretra
     "A Res2Net body (dilated to `output_stride`) with `head` ('unet', 'fpn' or 'deeplabv3plus') predicting `n_out` classes"
     if head not in SEG_HEADS: raise ValueError(f"Unknown head {head!r}: use one of {', '.join(SEG_HEADS)}.")
     if not (isinstance(n_out, int) and n_out >= 1): raise ValueError(f"n_out must be the number of classes (an integer >= 1), got {n_out!r}.")
-    arch, os_ = _arch(arch), output_stride or DEFAULT_OUTPUT_STRIDE[head]
-    if isinstance(arch, str): raise ValueError(f"{arch!r} is not a Res2Net variant: segmentation heads take a res2net*/res2netplus* factory or name.")
-    model = arch(pretrained=pretrained, weights=weights, output_stride=os_)
+    arch = _res2net_factory(arch)
+    model = _build_res2net(arch, pretrained=pretrained, weights=weights, output_stride=output_stride or DEFAULT_OUTPUT_STRIDE[head])
     body = create_body(model, n_in, pretrained, cut=model_meta.get(arch, _default_meta)['cut'] or -4)
     if head == 'unet': return DynamicUnet(body, n_out, tuple(img_size), **head_kwargs)
     return SEG_HEADS[head](body, n_out, **head_kwargs)

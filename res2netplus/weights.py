@@ -5,7 +5,7 @@ Res2NetPlus, and loading that fails with a message naming the fix."""
 
 # %% ../nbs/01_weights.ipynb #6f950cda
 from __future__ import annotations
-import hashlib, socket
+import hashlib, os, socket
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
@@ -22,6 +22,11 @@ __all__ = ['V1B_STEM', 'IMAGENET_CLASSES', 'read_weights', 'hub_reachable', 'hub
 # %% ../nbs/01_weights.ipynb #16313816
 def read_weights(path, sha256:str|None=None) -> dict:
     "State dict from a `.safetensors` or `.pth` file, read without running code from it"
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"weights= takes the path of a .safetensors or .pth file, got a {type(path).__name__}: pass pretrained=True "
+                        "for ImageNet weights, or load a state dict you hold with load_weights(model, state_dict).")
+    if sha256 is not None and not (sha256 and all(c in '0123456789abcdefABCDEF' for c in sha256)):
+        raise ValueError(f"sha256 must be a hex digest (or a prefix of one), got {sha256!r}.")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Weights file {str(path)!r} not found. Pass the path of a .safetensors or .pth file "
@@ -102,8 +107,9 @@ def transfer_v1b_to_plus(sd:dict, model:nn.Module) -> dict:
     target = model.state_dict()
     out, used = {}, set()
     def put(src_conv, src_bn, dst_conv, dst_bn):
-        w, b = sd[f'{src_conv}.weight'], sd.get(f'{src_conv}.bias')
         bn = _sub(sd, src_bn)
+        if f'{src_conv}.weight' not in sd or not bn: return  # another variant's file: the key check names what is missing
+        w, b = sd[f'{src_conv}.weight'], sd.get(f'{src_conv}.bias')
         used.update({f'{src_conv}.weight', f'{src_conv}.bias'} | {f'{src_bn}.{k}' for k in bn})
         if f'{dst_conv}.bias' in target:  # act → BN: fold the BN into the conv, start the new BN as identity
             eps = bns[dst_bn].eps
@@ -115,7 +121,7 @@ def transfer_v1b_to_plus(sd:dict, model:nn.Module) -> dict:
     stem = [n for n in ('stem1', 'stem2', 'stem3') if f'{n}.0.weight' in target]
     if len(stem) != 3: raise ValueError("transfer_v1b_to_plus needs a Res2NetPlus model (stem1…stem3 ConvLayers).")
     for (src_conv, src_bn), dst in zip(V1B_STEM, stem):
-        bn_idx = 1 if f'{dst}.1.weight' in target else 2
+        bn_idx = 1 if f'{dst}.1' in bns else 2  # conv, BN, act or conv, act, BN (an act with weights, PReLU, is not the BN)
         put(src_conv, src_bn, f'{dst}.0', f'{dst}.{bn_idx}')
     for name, block in model.named_modules():
         if isinstance(block, Bottle2neck):
@@ -153,6 +159,8 @@ def load_weights(model:nn.Module, state_dict:dict, source:str='the checkpoint') 
         for k in head: sd.pop(k, None)
     elif 'fc.weight' in sd and sd['fc.weight'].shape != target['fc.weight'].shape and len(sd['fc.weight']) == IMAGENET_CLASSES:
         sd.update({k: target[k] for k in head if k in target})  # ImageNet head, new task: keep the fresh head
+    # older and converted checkpoints lack BatchNorm's step counter, which torch's own loading fills in
+    sd.update({k: v for k, v in target.items() if k.endswith('.num_batches_tracked') and k not in sd})
     missing = set(target) - set(sd)
     unexpected = set(sd) - set(target)
     mismatched = {k for k in set(sd) & set(target) if sd[k].shape != target[k].shape}

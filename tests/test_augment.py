@@ -83,6 +83,15 @@ def test_mixup_lambda_and_soft_targets():
     torch.testing.assert_close(y, lam[:, None]*onehot + (1 - lam[:, None])*yp)
     with torch.no_grad(): torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(learn.model(x), y))
 
+def test_integer_multi_hot_targets_are_blended():
+    "BCEWithLogitsLossFlat takes 0/1 integer targets; under mixing they were weighed as class indices and refused, naming the wrong fix"
+    torch.manual_seed(3)
+    xs, multi_hot = torch.rand(8, 3, 8, 8), (torch.rand(8, 5) > .5).long()
+    learn = tiny_learner(xs, multi_hot, BCEWithLogitsLossFlat(), 5)
+    x, y, loss, lam, yp = fit_one_batch(learn, MixUp(alpha=1.))
+    torch.testing.assert_close(y, lam[:, None]*multi_hot + (1 - lam[:, None])*yp)
+    with torch.no_grad(): torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(learn.model(x), y))
+
 def test_cutmix_masks_pasted_like_the_images():
     torch.manual_seed(2)
     xs = index_images(8, 16, 12)

@@ -131,6 +131,45 @@ def test_voc_xml(tmp_path):
     with pytest.raises(ValueError, match='boxes only'): voc_dataloaders(tmp_path/'voc', masks=True)
     with pytest.raises(ValueError, match='neither COCO'): detection_dataloaders_from_folder(tmp_path/'voc'/'Annotations')
 
+def test_voc_split_lists_name_annotation_files(tmp_path):
+    "ImageSets ids were matched against image stems: images named otherwise than their XML were dropped, silently"
+    root = tmp_path/'voc'
+    _write_voc(root)
+    for stem, image in (('a', 'img_a'), ('b', 'img_b')):  # the XML files keep their names, the images are renamed
+        (root/'JPEGImages'/f'{stem}.jpg').rename(root/'JPEGImages'/f'{image}.jpg')
+        xml = root/'Annotations'/f'{stem}.xml'
+        xml.write_text(xml.read_text().replace(f'<filename>{stem}.jpg', f'<filename>{image}.jpg'))
+    (root/'ImageSets'/'Main').mkdir(parents=True)
+    (root/'ImageSets'/'Main'/'train.txt').write_text('a\n'); (root/'ImageSets'/'Main'/'val.txt').write_text('b\n')
+    dls = voc_dataloaders(root, bs=1, augs=None)
+    assert [r['file'].name for r in dls.train_ds.records] == ['img_a.jpg'] and [r['file'].name for r in dls.valid_ds.records] == ['img_b.jpg']
+    (root/'ImageSets'/'Main'/'val.txt').write_text('b\nc\n')
+    with pytest.raises(ValueError, match=r'1 id\(s\) in .*have no Annotations/<id>.xml \(c\)'): voc_dataloaders(root, bs=1, augs=None)
+
+def test_malformed_annotations_name_the_file_and_the_fix(tmp_path):
+    "Bare AttributeError / KeyError / ParseError before, and duplicate ids merged silently"
+    root = tmp_path/'voc'
+    _write_voc(root)
+    xml = root/'Annotations'/'a.xml'
+    good = xml.read_text()
+    for broken, match in ((good.replace('<size><width>80</width><height>64</height><depth>3</depth></size>', ''), r'a.xml has no <size/height>'),
+                          (good.replace('<bndbox><xmin>11</xmin>', '<bndbox>'), r'a.xml has no <bndbox/xmin>'), (good[:60], r'a.xml is not well-formed XML')):
+        xml.write_text(broken)
+        with pytest.raises(ValueError, match=match): voc_detection_items(root/'Annotations', root/'JPEGImages')
+    images = root/'JPEGImages'
+    base = dict(images=[dict(id=1, file_name='a.jpg', height=64, width=80)], annotations=[], categories=[dict(id=1, name='dog')])
+    cases = [(dict(base, images=base['images'] * 2), 'image id 1 more than once'),
+             (dict(base, categories=[dict(id=1, name='dog'), dict(id=1, name='cat')]), 'category id 1 more than once'),
+             (dict(base, images=[dict(id=1, file_name='a.jpg')]), 'lacks height, width'),
+             (dict(base, annotations=[dict(id=7, image_id=1, category_id=1, bbox=None)]), r'Annotation 7 .* has bbox None, not \[x, y, width, height\]')]
+    for coco, match in cases:
+        (tmp_path/'c.json').write_text(json.dumps(coco))
+        with pytest.raises(ValueError, match=match): coco_detection_items(images, tmp_path/'c.json')
+    from pycocotools import mask as mask_utils
+    rle = mask_utils.encode(np.asfortranarray(np.ones((32, 40), np.uint8)))
+    with pytest.raises(ValueError, match=r'RLE segmentation of size \[32, 40\] on an image of height 64 and width 80'):
+        _segm_to_mask({'size': rle['size'], 'counts': rle['counts'].decode()}, 64, 80)
+
 def test_augment_drops_objects_with_their_masks(tmp_path):
     path = make_detection_shapes(tmp_path/'s', n_images=6, size=96, seed=5, max_objects=3)
     records, classes, _ = coco_detection_items(path/'images', path/'annotations.json')
@@ -179,7 +218,12 @@ def test_coco_evaluate_masks_and_crowd():
     half = dict(pred, masks=torch.zeros(1, 1, 40, 40)); half['masks'][0, 0, 5:25, 5:15] = 1  # mask IoU 0.5: a hit at 0.5 only
     res = coco_evaluate([half], [t])
     assert res['bbox']['AP'] == pytest.approx(1.) and res['segm']['AP50'] == pytest.approx(1.) and res['segm']['AP75'] == pytest.approx(0.)
-    assert coco_evaluate([dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), scores=torch.zeros(0))], [t])['bbox']['AP'] == 0.
+    nothing = dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64), scores=torch.zeros(0))
+    bbox = coco_evaluate([nothing], [t])['bbox']
+    # nothing detected: 0 where an object of that size exists (the 400 px² one is small), NaN where none does, as with detections
+    assert [bbox[k] for k in ('AP', 'AP50', 'AP75', 'APs')] == [0.] * 4 and np.isnan(bbox['APm']) and np.isnan(bbox['APl'])
+    found = coco_evaluate([pred], [t])['bbox']
+    assert [np.isnan(found[k]) for k in COCO_STATS] == [np.isnan(bbox[k]) for k in COCO_STATS]
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):

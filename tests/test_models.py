@@ -1,7 +1,8 @@
 "The network against the paper and against timm"
+import subprocess, sys
 import pytest, torch, timm
 from torch import nn
-from res2netplus.models import RES2NET_VARIANTS, RES2NET_FACTORIES, create_res2net, Res2Net
+from res2netplus.models import RES2NET_VARIANTS, RES2NET_FACTORIES, create_res2net, Res2Net, res2netplus50
 from conftest import randomize_bn
 
 PLAIN = [n for n in RES2NET_VARIANTS if 'plus' not in n]
@@ -160,3 +161,31 @@ def test_a_learner_body_names_n_in_for_the_wrong_channel_count():
     from res2netplus.models import res2netplus50
     body = create_body(res2netplus50(), n_in=3, pretrained=False)
     with pytest.raises(ValueError, match=r'3-channel images, got 1 channels: pass n_in=1'): body(torch.randn(2, 1, 64, 64))
+
+def test_importing_the_package_registers_the_plus_variants_with_timm():
+    "The README's `import timm, res2netplus` route: registration happened only when res2netplus.models was imported"
+    code = "import timm, res2netplus; m = timm.create_model('res2netplus50', num_classes=3, layers=(1, 1, 1, 1)); print(type(m).__name__)"
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == 'Res2Net', out.stderr[-2000:]
+
+def test_the_timm_routes_refuse_images_smaller_than_the_output_stride():
+    "timm's and fastai's timm routes call forward_features alone, which skipped the size check"
+    import timm
+    m = timm.create_model('res2netplus50', layers=(1, 1, 1, 1)).eval()
+    for f in (m.forward_features, m):
+        with pytest.raises(ValueError, match=r'at least 32×32 px'): f(torch.randn(2, 3, 16, 16))
+
+def test_reset_classifier_sets_the_pooling_like_timm():
+    "global_pool was ignored: reset_classifier(0, '') still pooled, (5, 'max') kept the average pool"
+    import timm
+    x = torch.randn(2, 3, 64, 64)
+    m = res2netplus50(layers=(1, 1, 1, 1)).eval()
+    features = m.forward_features(x)
+    m.reset_classifier(0, '')
+    assert torch.equal(m(x), features)
+    m.reset_classifier(5, 'max')
+    assert isinstance(m.global_pool, nn.AdaptiveMaxPool2d) and torch.equal(m.forward_head(features, pre_logits=True), features.amax((2, 3)))
+    assert timm.create_model('res2netplus50', layers=(1, 1, 1, 1), num_classes=0, global_pool='')(x).shape == (2, 2048, 2, 2)
+    m.reset_classifier(0, '')
+    with pytest.raises(ValueError, match="no global pooling: pass global_pool='avg'"): m.reset_classifier(3)
+    with pytest.raises(ValueError, match="'' with num_classes=0"): res2netplus50(global_pool='')

@@ -111,3 +111,10 @@ def test_bad_input_says_how_to_fix(seg_dls):
     with pytest.raises(ValueError, match='Did you mean'): res2netplus_seg_learner(seg_dls, 'res2netplus5')
     with pytest.raises(ValueError, match='n_in=4'): create_seg_model(res2netplus50, 2, 'fpn').eval()(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match='do not match'): SegmentationLoss()(torch.randn(2, 3, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long))
+
+def test_a_non_res2net_factory_is_refused_with_the_fix():
+    "fastai's habit unet_learner(dls, resnet34) ended in a TypeError from inside torchvision"
+    from torchvision.models import resnet34
+    from res2netplus.detection import res2net_fpn_backbone
+    for build in (lambda: create_seg_model(resnet34, 2, 'fpn'), lambda: res2net_fpn_backbone(resnet34)):
+        with pytest.raises(ValueError, match=r"arch=resnet34 is not a Res2Net factory \(.*pretrained.*\): pass one such as res2netplus50"): build()

@@ -122,3 +122,24 @@ def test_sha256_check(tmp_path):
     digest = hashlib.sha256((tmp_path/'w.safetensors').read_bytes()).hexdigest()
     assert read_weights(tmp_path/'w.safetensors', sha256=digest[:16])
     with pytest.raises(ValueError, match='sha256'): read_weights(tmp_path/'w.safetensors', sha256='deadbeef')
+
+def test_v1b_weights_into_a_deeper_or_wider_plus_variant_name_the_keys():
+    "transfer_v1b_to_plus read blocks the file does not have: a bare KeyError instead of the message naming the fix"
+    from res2netplus.models import res2netplus50_26w_8s
+    sd = res2net50d(layers=(1, 1, 1, 1)).state_dict()
+    for model in (res2netplus50(layers=(1, 1, 2, 1)), res2netplus50_26w_8s(layers=(1, 1, 1, 1))):
+        with pytest.raises(ValueError, match=r'(?s)does not fit.*missing keys: layer.*Fix: pick the variant'): load_weights(model, sd)
+    with pytest.raises(ValueError, match=r'missing keys: .*act.weight'): load_weights(res2netplus50(layers=(1, 1, 1, 1), act_cls=nn.PReLU), sd)
+
+def test_checkpoints_without_batchnorm_step_counters_load():
+    "torch's own load_state_dict accepts them (converted and older checkpoints); the key check refused them"
+    source = randomize_bn(res2net50d(layers=(1, 1, 1, 1))).eval()
+    sd = {k: v for k, v in source.state_dict().items() if not k.endswith('num_batches_tracked')}
+    model = load_weights(res2net50d(layers=(1, 1, 1, 1)), sd).eval()
+    torch.testing.assert_close(model(X), source(X))
+
+def test_weights_of_the_wrong_type_name_the_fix(tmp_path):
+    for wrong in (True, res2net50d().state_dict()):
+        with pytest.raises(TypeError, match=r'path of a .safetensors or .pth file.*pretrained=True.*load_weights'): res2netplus50(weights=wrong)
+    safetensors.torch.save_file(res2net50d(layers=(1, 1, 1, 1)).state_dict(), tmp_path/'w.safetensors')
+    with pytest.raises(ValueError, match='hex digest'): read_weights(tmp_path/'w.safetensors', sha256='')
