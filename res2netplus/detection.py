@@ -263,6 +263,8 @@ def voc_detection_items(annotations_dir, images_dir, classes=None) -> tuple:
         if not image.is_file(): raise ValueError(f"{f} names image {image}, which does not exist.")
         parsed.append((image, int(_xml_text(root, 'size/height', f)), int(_xml_text(root, 'size/width', f)), objs))
     names = sorted({n for *_, objs in parsed for n, _, _ in objs}) if classes is None else [c for c in classes if c != 'background']
+    if 'background' in names: raise ValueError(f"Objects in {annotations_dir} are of a class named 'background', the name of label 0: rename it.")
+    if len(set(names)) != len(names): raise ValueError(f"classes={classes!r} names a class more than once: list each once.")
     unknown = sorted({n for *_, objs in parsed for n, _, _ in objs} - set(names))
     if unknown: raise ValueError(f"Objects of classes {', '.join(unknown)} are not in classes={classes!r}: add them.")
     label_of = {n: i + 1 for i, n in enumerate(names)}

@@ -156,6 +156,10 @@ def test_malformed_annotations_name_the_file_and_the_fix(tmp_path):
                           (good.replace('<bndbox><xmin>11</xmin>', '<bndbox>'), r'a.xml has no <bndbox/xmin>'), (good[:60], r'a.xml is not well-formed XML')):
         xml.write_text(broken)
         with pytest.raises(ValueError, match=match): voc_detection_items(root/'Annotations', root/'JPEGImages')
+    xml.write_text(good.replace('<name>cat</name>', '<name>background</name>'))
+    with pytest.raises(ValueError, match="a class named 'background', the name of label 0: rename it"): voc_detection_items(root/'Annotations', root/'JPEGImages')
+    xml.write_text(good)
+    with pytest.raises(ValueError, match='names a class more than once'): voc_detection_items(root/'Annotations', root/'JPEGImages', classes=['dog', 'cat', 'dog'])
     images = root/'JPEGImages'
     base = dict(images=[dict(id=1, file_name='a.jpg', height=64, width=80)], annotations=[], categories=[dict(id=1, name='dog')])
     cases = [(dict(base, images=base['images'] * 2), 'image id 1 more than once'),
