@@ -31,6 +31,11 @@ def _made(dest:Path, params:dict) -> bool:
     if made != params: raise ValueError(f"{dest} holds a dataset made with {made}, not {params}: pass another folder, or delete it.")
     return True
 
+def _mark_made(dest:Path, params:dict) -> Path:
+    "Record that `dest` now holds the dataset made with `params` (written last: an interrupted run leaves no marker)"
+    (dest/'.complete').write_text(json.dumps(params))
+    return dest
+
 def _write_tree(dest:Path, classes:list, splits:dict, params:dict) -> Path:
     "Write `splits` ({'train': (images, labels), …}) as `dest/<split>/<class>/<i>.png`, once per `params`"
     if _made(dest, params): return dest
@@ -38,8 +43,7 @@ def _write_tree(dest:Path, classes:list, splits:dict, params:dict) -> Path:
         for i, (img, label) in enumerate(zip(images, labels)):
             d = dest/split/classes[label]; d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(d/f'{i:05d}.png')
-    (dest/'.complete').write_text(json.dumps(params) if params else '')
-    return dest
+    return _mark_made(dest, params)
 
 def fashion_mnist_sample(dest=None) -> Path:
     "Write the bundled Fashion-MNIST subset as `dest/{train,valid}/<class>/*.png` (once) and return `dest`"
@@ -212,8 +216,7 @@ def make_shapes(dest, n_images:int=24, size=64, seed:int=0, max_objects:int=3) -
         Image.fromarray(img, 'RGB').save(dest/'images'/f'{i:04d}.png')
         Image.fromarray(mask, 'L').save(dest/'masks'/f'{i:04d}.png')
     (dest/'codes.txt').write_text('\n'.join(SHAPES_CODES) + '\n')
-    (dest/'.complete').write_text(json.dumps(params))
-    return dest
+    return _mark_made(dest, params)
 
 # %% ../nbs/03_data.ipynb #bbffa232
 _MASK_EXTENSIONS = ['.png', '.PNG'] + sorted(e for x in IMAGE_EXTENSIONS - {'.png'} for e in (x, x.upper()))

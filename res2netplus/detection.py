@@ -482,7 +482,7 @@ def detection_dataloaders_from_folder(path, masks:bool=False, **kwargs) -> DataL
                      "(Annotations/*.xml and JPEGImages/).")
 
 # %% ../nbs/07_detection.ipynb #7e5f1a08
-from .data import SHAPES_CODES, SHAPES_COLOURS, _hw, _made
+from .data import SHAPES_CODES, SHAPES_COLOURS, _hw, _made, _mark_made
 
 def _shape_annotation(kind:int, h:int, w:int, r:float, cy:float, cx:float, angle:float) -> tuple:
     "The COCO segmentation of one shape and its decoded mask: an RLE circle, or a square/triangle polygon"
@@ -530,8 +530,7 @@ def make_detection_shapes(dest, n_images:int=20, size=128, seed:int=0, max_objec
         images.append(dict(id=i, file_name=f'{i:04d}.png', height=h, width=w))
     cats = [dict(id=k, name=SHAPES_CODES[k], supercategory='shape') for k in (1, 2, 3)]
     (dest/'annotations.json').write_text(json.dumps(dict(images=images, annotations=anns, categories=cats)))
-    (dest/'.complete').write_text(json.dumps(params))
-    return dest
+    return _mark_made(dest, params)
 
 # %% ../nbs/07_detection.ipynb #1e8c5d47
 import contextlib, io

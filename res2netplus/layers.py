@@ -558,10 +558,6 @@ class MaxPool2d(nn.MaxPool2d):
 class ConvActNorm(ConvLayer):
     "fastai's `ConvLayer` (same layers, same keys) whose conv → Mish → BatchNorm runs through `act_norm`"
     def forward(self, x):
-        conv = self[0]
-        if isinstance(conv, nn.Conv2d) and x.dim() == 4 and x.shape[1] != conv.in_channels:  # a learner's body skips the model's own check
-            raise ValueError(f"This layer takes {conv.in_channels}-channel images, got {x.shape[1]} channels: pass n_in={x.shape[1]} to "
-                             f"the learner (in_chans={x.shape[1]} to a model), or convert the images to {conv.in_channels} channels.")
-        if len(self) == 3 and isinstance(conv, nn.Conv2d) and _is_plain(self[1], nn.Mish):
+        if len(self) == 3 and isinstance(self[0], nn.Conv2d) and _is_plain(self[1], nn.Mish):
             with _lean_saves(x): return act_norm(self[1], self[2], self[0](x))
         return super().forward(x)

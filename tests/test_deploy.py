@@ -69,6 +69,14 @@ def test_fuses_a_learners_model(learn):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(): assert (f(x) - learn.model.eval()(x)).abs().max() <= 1e-4
 
+def test_a_learners_body_folds_like_the_network(dls):
+    "The learners' Res2NetBody (its own forward: an input check) runs its children in order: the deep stem's BN still folds"
+    from fastai.vision.all import vision_learner
+    from res2netplus.models import res2net50d
+    head_bns = 2  # fastai's head: BatchNorm1d → Dropout → Linear, twice
+    for factory in (res2net50d, res2netplus50):
+        assert fuse_for_inference(vision_learner(dls, factory, pretrained=False)).n_folded_bn == fuse_for_inference(factory()).n_folded_bn + head_bns
+
 def test_onnx_round_trip_of_learner_and_deploy_form(learn, plus, tmp_path):
     pytest.importorskip('onnxruntime')
     res = export_onnx(learn, tmp_path/'learner.onnx', size=64, fuse=False)

@@ -49,7 +49,7 @@ def test_a_mixer_in_cbs_and_another_named_by_mix_are_refused(dls):
     with pytest.raises(ValueError, match=r"mix='mixup' asks for MixUp, but cbs already hold CutMix"):
         res2netplus_learner(dls, 'res2netplus50', mix='mixup', cbs=[CutMix()])
     mine = CutMix(p=0.5)
-    for mix in (RECIPE['mix'], 'cutmix', None):
+    for mix in (RECIPE['mix'], None):  # the default (CutMix) and no mixer give way to the user's
         mixers = [cb for cb in res2netplus_learner(dls, 'res2netplus50', mix=mix, cbs=mine).cbs if isinstance(cb, Mixer)]
         assert mixers == [mine]
     assert [type(cb) for cb in res2netplus_learner(dls, 'res2netplus50', cbs=[MixUp()]).cbs if isinstance(cb, Mixer)] == [MixUp]

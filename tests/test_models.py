@@ -155,12 +155,13 @@ def test_check_finite_input_callback_stops_training_on_a_bad_batch(dls):
             if self.training and self.iter == 1: x = self.xb[0].clone(); x[0, 0, 0, 0] = float('inf'); self.learn.xb = (x,)
     with pytest.raises(ValueError, match=r'Training batch 1 of epoch 0 got 0 NaN and 1 infinite'): learn.fit(1, 1e-3, cbs=Corrupt())
 
-def test_a_learner_body_names_n_in_for_the_wrong_channel_count():
-    "fastai cuts the model into a plain nn.Sequential body, which skips Res2Net's own input check: the stem names the fix"
-    from fastai.vision.learner import create_body
-    from res2netplus.models import res2netplus50
-    body = create_body(res2netplus50(), n_in=3, pretrained=False)
-    with pytest.raises(ValueError, match=r'3-channel images, got 1 channels: pass n_in=1'): body(torch.randn(2, 1, 64, 64))
+@pytest.mark.parametrize('name', ['res2netplus50', 'res2net50d'])
+def test_a_learner_body_names_n_in_for_the_wrong_channel_count(name):
+    "fastai's learners cut the model with model_meta's cut: a Res2NetBody, which keeps the network's input check"
+    from fastai.vision.learner import create_body, model_meta
+    factory = RES2NET_FACTORIES[name]
+    body = create_body(factory(), n_in=3, pretrained=False, cut=model_meta[factory]['cut'])
+    with pytest.raises(ValueError, match=r'built for 3-channel images but got 1 channels.*n_in=1'): body(torch.randn(2, 1, 64, 64))
 
 def test_importing_the_package_registers_the_plus_variants_with_timm():
     "The README's `import timm, res2netplus` route: registration happened only when res2netplus.models was imported"
