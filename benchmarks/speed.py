@@ -4,7 +4,7 @@ round, so that load on the machine affects all models alike; medians with min–
 
     python benchmarks/speed.py                       # CPU: inference, training (NCHW and channels_last), memory, torch.compile (~40 min on 2 idle cores)
     python benchmarks/speed.py --quick               # smoke run: small sizes, 2 rounds, no compile (< 2 min)
-    python benchmarks/speed.py --only train memory   # some sections: infer, train, memory, compile, train_compiled
+    python benchmarks/speed.py --only train memory   # some sections: infer, latency, train, memory, compile, train_compiled
     python benchmarks/speed.py --device cuda         # GPU: AMP (bf16, else fp16), channels_last, bigger batches, img/s,
                                                      # and compiled training steps (train_compiled)
 
@@ -27,6 +27,7 @@ BASE = 'resnet50'
 TRAIN_MODELS = ['resnet50', 'res2netplus50', 'res2netplus50 (reference)', 'res2net50d (ours)', 'res2net50d (timm)',
                 'xresnet50 Mish']
 INFER_MODELS = TRAIN_MODELS + ['res2netplus50 (deploy)']
+LATENCY_MODELS = ['resnet50', 'res2netplus50', 'res2netplus50 (reference)', 'res2netplus50 (deploy)', 'res2net50d (timm)']
 
 def build(name):
     "Model `name` (random init, 1000 classes) and the fast path it runs on"
@@ -45,9 +46,10 @@ def settings(args):
     import torch
     cuda = args.device == 'cuda'
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    if args.quick: return dict(infer=(2, 64), train=[(2, 64)], memory=(2, 64), rounds=2, iters=1, amp=amp)
-    if cuda: return dict(infer=(256, 224), train=[(128, 224), (256, 128)], memory=(128, 224), rounds=args.rounds, iters=10, amp=amp)
-    return dict(infer=(8, 224), train=[(8, 224), (32, 128)], memory=(8, 224), rounds=args.rounds, iters=3, amp=None)
+    if args.quick: return dict(infer=(2, 64), latency=[(1, 64)], train=[(2, 64)], memory=(2, 64), rounds=2, iters=1, amp=amp)
+    if cuda: return dict(infer=(256, 224), latency=[(1, 224), (16, 224)], train=[(128, 224), (256, 128)], memory=(128, 224),
+                         rounds=args.rounds, iters=10, amp=amp)
+    return dict(infer=(8, 224), latency=[(1, 224)], train=[(8, 224), (32, 128)], memory=(8, 224), rounds=args.rounds, iters=3, amp=None)
 
 def sync(device):
     import torch
@@ -141,6 +143,17 @@ def run_infer(args, cfg):
         print(f'{col} …', file=sys.stderr, flush=True)
         runners = [Runner(m, 'infer', bs, size, args.device, cl, cfg['amp']) for m in INFER_MODELS]
         res[col] = summarize(interleaved(runners, cfg['rounds'], cfg['iters'] + 2, warmup=1 if args.quick else 2), bs)
+        del runners
+    return res
+
+def run_latency(args, cfg):
+    "Inference at small batches, channels_last: a GPU's time there goes to launching kernels more than to running them"
+    res = {}
+    for bs, size in cfg['latency']:
+        col = f'infer b{bs}@{size} channels_last'
+        print(f'{col} …', file=sys.stderr, flush=True)
+        runners = [Runner(m, 'infer', bs, size, args.device, True, cfg['amp']) for m in LATENCY_MODELS]
+        res[col] = summarize(interleaved(runners, cfg['rounds'], cfg['iters'] + 2, warmup=2), bs)
         del runners
     return res
 
@@ -278,7 +291,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     p.add_argument('--quick', action='store_true', help='small sizes, 2 rounds, no compile: a smoke run')
-    p.add_argument('--only', nargs='+', choices=['infer', 'train', 'memory', 'compile', 'train_compiled'])
+    p.add_argument('--only', nargs='+', choices=['infer', 'latency', 'train', 'memory', 'compile', 'train_compiled'])
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--threads', type=int, default=2, help='torch threads on a CPU (default 2)')
     p.add_argument('--memory-child', nargs=3, help=argparse.SUPPRESS)
@@ -290,7 +303,7 @@ def main():
     torch.set_num_threads(args.threads)
     if args.device == 'cuda': torch.backends.cudnn.benchmark = True
     cfg = settings(args)
-    sections = args.only or (['infer', 'train', 'memory'] + ([] if args.quick else ['compile'])
+    sections = args.only or (['infer', 'latency', 'train', 'memory'] + ([] if args.quick else ['compile'])
                              + (['train_compiled'] if args.device == 'cuda' and not args.quick else []))
     start = time.time()
     results = {}

@@ -19,7 +19,7 @@ from fastai.layers import ConvLayer
 # %% auto #0
 __all__ = ['FAST_PATHS', 'conv_act_norm', 'check_block_config', 'DilatedAvgPool2d', 'Bottle2neck', 'res2net_shortcut',
            'res2net_stage', 'set_fast_path', 'fast_path', 'build_kernels', 'MishBatchNorm', 'BatchNormAddMish',
-           'act_norm', 'norm_add_act', 'MaxPool2d', 'ConvActNorm']
+           'gpu_mish', 'act_norm', 'norm_add_act', 'MaxPool2d', 'ConvActNorm']
 
 # %% ../nbs/00_layers.ipynb #99c55666
 def conv_act_norm(conv:nn.Module, norm:nn.Module, act:nn.Module, x:torch.Tensor, bn_1st:bool=True) -> torch.Tensor:
@@ -159,10 +159,10 @@ def _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, eps:float):
 
 # %% ../nbs/00_layers.ipynb #a6f0c104
 FAST_PATHS = ('compiled', 'aten', 'reference')
-_fast = dict(path=os.environ.get('RES2NETPLUS_FAST_PATH', 'compiled'), failed=None, lib=None)
+_fast = dict(path=os.environ.get('RES2NETPLUS_FAST_PATH', 'compiled'), failed=None, lib=None, gpus={})
 
 def set_fast_path(path:str) -> str:
-    "Run Mish + BatchNorm as `'compiled'` kernels, `'aten'` (PyTorch's kernels) or `'reference'` modules; returns the old setting"
+    "Run Mish + BatchNorm as `'compiled'` kernels (C++ on a CPU, Triton on a GPU), `'aten'` (PyTorch's kernels) or `'reference'` modules; returns the old setting"
     if path not in FAST_PATHS: raise ValueError(f"The fast path must be one of {FAST_PATHS}, got {path!r}.")
     old, _fast['path'] = _fast['path'], path
     return old
@@ -290,8 +290,15 @@ def _is_plain(m:nn.Module, cls:type) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward
 
 def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
+    if y.device.type == 'cuda':
+        # without gradients and on large tensors, Mish (with the residual addition before it) in a Triton kernel; BatchNorm
+        # stays cuDNN's. The cheap checks come first: a small batch's pace is the CPU's, and most calls end here
+        if (_fast['path'] != 'compiled' or y.numel() < _GPU_MIN_NUMEL or (torch.is_grad_enabled() and y.requires_grad)
+            or y.dtype not in _GPU_DTYPES or y.dim() != 4 or not _is_plain(act, nn.Mish) or _exporting() or _hooked(act, norm)
+            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()): return 'reference'
+        return 'triton' if _gpu_kernels_ready(y.device) else 'reference'
     if _fast['path'] == 'reference' or _exporting() or not _is_plain(act, nn.Mish) or y.dim() != 4: return 'reference'
-    # measured and tested on CPU float32; mixed precision (autocast, fp16/bf16 tensors) and GPUs keep PyTorch's own modules
+    # the C++ kernels: measured and tested on CPU float32; mixed precision (autocast, fp16/bf16 tensors) keeps PyTorch's own modules
     if y.device.type != 'cpu' or y.dtype != torch.float32 or torch.is_autocast_enabled(y.device.type): return 'reference'
     if _hooked(act, norm): return 'reference'  # module hooks (fastai's ActivationStats, Grad-CAM) see every module run
     if torch.compiler.is_compiling(): return 'formula'  # torch.compile, not export: plain ops the compiler fuses
@@ -525,10 +532,79 @@ class BatchNormAddMish(torch.autograd.Function):
         gc, gr, gw, gb = res if res is not None else _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, ctx.eps)
         return gc, gr, gw, gb, None, None
 
+# %% ../nbs/00_layers.ipynb #e7f03da3
+try: import triton, triton.language as tl
+except ImportError: triton = None  # a PyTorch build without Triton: GPUs run PyTorch's Mish
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_GPU_BLOCK = 1024
+# A Triton launch from Python costs tens of µs of CPU time, several times a PyTorch op's: it pays only where the GPU, not
+# the CPU, sets the pace. Tensors of 16 M elements and up take the kernel: at 224 px, none at batch 16, 91 % of Mish's
+# elements at batch 256. (At 8 M, batch 16 launched 5 and ran 2 ms slower on an H200.)
+_GPU_MIN_NUMEL = 1 << 24
+
+if triton is not None:
+    @triton.jit
+    def _mish_fwd_kernel(x_ptr, r_ptr, y_ptr, n, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+        "mish(x) or mish(x + r), the sum rounded to the dtype first as PyTorch's addition is; float32 arithmetic"
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.)
+        if HAS_R: x = (x.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.).to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = x.to(tl.float32)
+        e = tl.exp(tl.minimum(x, 20.))
+        t = e * (e + 2.)
+        tl.store(y_ptr + offs, (x * (t / (t + 2.))).to(y_ptr.dtype.element_ty), mask=mask)
+
+def _dense(t:torch.Tensor) -> torch.Tensor:
+    "`t`, or a copy of it, that is one dense block of memory (NCHW or channels_last): what the elementwise kernel indexes flat"
+    return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=_fmt(t))
+
+def _strided_like(t:torch.Tensor, like:torch.Tensor) -> torch.Tensor:
+    "`t` with `like`'s strides (a copy where they differ), so one flat index reaches the same element in both"
+    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+def gpu_mish(x:torch.Tensor, r:torch.Tensor|None=None) -> torch.Tensor:
+    "`mish(x)`, or `mish(x + r)`, in one Triton kernel (Mish from one `exp`, float32 arithmetic); no gradient"
+    x = _dense(x)
+    r = None if r is None else _strided_like(r, x)
+    y = torch.empty_like(x)
+    n = x.numel()
+    _mish_fwd_kernel[(triton.cdiv(n, _GPU_BLOCK),)](x, x if r is None else r, y, n, HAS_R=r is not None, BLOCK=_GPU_BLOCK)
+    return y
+
+def _check_gpu_kernels(device:torch.device):
+    "Compile the kernel on `device` and compare it with PyTorch's Mish on values from -30 to 30 (a partial last block)"
+    x = torch.linspace(-30, 30, 3 * _GPU_BLOCK + 7, device=device)
+    r = torch.linspace(2, -2, x.numel(), device=device)
+    with torch.no_grad():
+        for got, want in ((gpu_mish(x), F.mish(x)), (gpu_mish(x, r), F.mish(x + r))):
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(f'the kernel differs from PyTorch by {(got - want).abs().max().item():.3g}')
+
+def _gpu_kernels_ready(device:torch.device) -> bool:
+    "Whether the Triton Mish runs on `device`: checked once per GPU; False, after one warning, where it cannot"
+    if triton is None: return False
+    key = (device.type, torch.cuda.current_device() if device.index is None else device.index)
+    ok = _fast['gpus'].get(key)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing(): return False  # the check synchronizes: not inside a CUDA graph capture
+        with _build_lock:
+            ok = _fast['gpus'].get(key)
+            if ok is None:
+                try: _check_gpu_kernels(torch.device(*key)); ok = True
+                except Exception as e:
+                    ok = False
+                    warnings.warn(f"res2netplus's Triton Mish kernel does not run on {torch.device(*key)} ({type(e).__name__}: {e}); "
+                                  "PyTorch's Mish runs instead (same results, slower). set_fast_path('aten') silences this.")
+                _fast['gpus'][key] = ok
+    return ok
+
 # %% ../nbs/00_layers.ipynb #a6f0c106
 def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
     "`norm(act(y))`; Mish + BatchNorm2d (or a folded Identity) run fused and memory-lean unless `fast_path('reference')`"
     path = _path(y, act, norm)
+    if path == 'triton': return norm(gpu_mish(y))
     if path in ('reference', 'formula'): return norm(_act(path, act)(y))
     if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
@@ -540,6 +616,12 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
 def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, drop_path:nn.Module|None=None) -> torch.Tensor:
     "`act(drop_path(norm(c)) + r)`, the end of a residual block; fused for Mish like `act_norm` when nothing is dropped"
     path = _path(c, act, norm)
+    if path == 'triton' and c.shape == r.shape:
+        c = norm(c)
+        c = c if drop_path is None else drop_path(c)
+        # a trainable BatchNorm after a frozen conv (fastai's `freeze` keeps BatchNorms training) needs the gradient
+        if c.dtype == r.dtype and not (torch.is_grad_enabled() and (c.requires_grad or r.requires_grad)): return gpu_mish(c, r)
+        return act(c + r)
     dropping = drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training
     if path in ('compiled', 'aten') and not dropping and not _hooked(drop_path) and c.shape == r.shape:
         if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:

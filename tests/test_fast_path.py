@@ -1,5 +1,5 @@
 "The fused Mish + BatchNorm paths (`'compiled'`, `'aten'`) against the straightforward modules (`'reference'`)"
-import copy, gc, warnings, weakref
+import copy, gc, os, subprocess, sys, warnings, weakref
 import pytest, torch
 from torch import nn
 from res2netplus import layers
@@ -491,3 +491,93 @@ def test_kernels_take_views_and_any_thread_count(channels_last):
     finally: torch.set_num_threads(threads)
     for got, want in zip(one, layers._run_kernel('mish_bn_fwd', dense, w, b, 1e-5)):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+_TRITON_CHECK = r'''
+import torch, torch.nn.functional as F
+from res2netplus import layers as L
+torch.manual_seed(0)
+worst = 0.
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    for cl in (False, True):
+        x = torch.randn(2, 5, 7, 9) * 6
+        x.view(-1)[:6] = torch.tensor([-100., -20., 19.9, 20.1, 25., 6e4])
+        x = x.to(dt).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        r = torch.randn(2, 5, 7, 9).to(dt)  # NCHW: strided unlike x in channels_last
+        ulp = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dt]
+        cases = [('mish', L.gpu_mish(x), F.mish(x.double()))]
+        if dt != torch.bfloat16:  # the interpreter rounds a bf16 sum toward zero (a GPU rounds to nearest: tests/test_gpu.py)
+            cases.append(('add_mish', L.gpu_mish(x, r), F.mish((x + r).double())))  # PyTorch's sum, rounded to the dtype
+        for name, got, want in cases:
+            assert got.dtype == dt and got.stride() == x.stride(), name
+            err = ((got.double() - want).abs() / (want.abs() + 1)).max().item() / ulp  # in units of the dtype's last place
+            worst = max(worst, err)
+            assert err < (8 if dt == torch.float32 else 1.01), (dt, cl, name, err)
+v = torch.randn(2, 8, 5, 5)[:, ::2]  # a strided view: copied to a dense block first
+assert torch.allclose(L.gpu_mish(v, v), F.mish(v + v), atol=1e-6)
+print('ok', worst)
+'''
+
+def test_gpu_mish_kernel_equals_pytorch_in_triton_interpreter():
+    """The Triton kernel that runs Mish on a GPU, run by Triton's interpreter on the CPU: every dtype and layout, extreme
+    values, the residual addition, strided views"""
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    res = subprocess.run([sys.executable, '-c', _TRITON_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and res.stdout.startswith('ok'), res.stderr[-3000:]
+
+_TRITON_DISPATCH = r'''
+import copy, torch
+from torch import nn
+from res2netplus import layers as L
+from res2netplus.models import res2netplus50
+
+class AsCuda:
+    "A CPU tensor that `_path` takes for a GPU's: its GPU branch runs, and Triton's interpreter runs the kernel"
+    device = torch.device('cuda', 0)
+    def __init__(self, t): self.t = t
+    def __getattr__(self, name): return getattr(self.t, name)
+
+L._fast['gpus'][('cuda', 0)] = True
+L._GPU_MIN_NUMEL = 0
+path = L._path
+L._path = lambda y, act, norm: path(AsCuda(y), act, norm)
+calls, kernel = [], L.gpu_mish
+L.gpu_mish = lambda x, r=None: calls.append(r is not None) or kernel(x, r)
+torch.manual_seed(0)
+m = res2netplus50(num_classes=4)
+for bn in m.modules():
+    if isinstance(bn, nn.BatchNorm2d):
+        bn.running_mean.uniform_(-0.2, 0.2); bn.running_var.uniform_(0.5, 1.5); bn.weight.data.uniform_(0.1, 1.)
+x = torch.randn(4, 3, 64, 64)
+with torch.no_grad():
+    out = m.eval()(x)
+    assert calls.count(False) == 3 + 16 * 4 and calls.count(True) == 16, calls
+    with L.fast_path('reference'): ref = m(x)
+assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), (out - ref).abs().max()
+calls.clear()
+m(x).sum().backward()  # parameters need gradients: PyTorch's modules
+assert calls == [] and m.stem1[0].weight.grad is not None
+
+def bn_grads(model, path):
+    model = copy.deepcopy(model).train()
+    with L.fast_path(path): model(x).logsumexp(1).sum().backward()
+    return [p.grad for p in model.parameters() if p.requires_grad]
+
+for trainable in ('bn', 'bn3'):  # fastai's freeze (every BatchNorm trains), or only the blocks' last ones
+    for name, p in m.named_parameters(): p.requires_grad_(name.split('.')[-2].startswith(trainable) and 'fc' not in name)
+    calls.clear()
+    got, want = bn_grads(m, 'compiled'), bn_grads(m, 'reference')
+    assert calls, trainable  # where nothing before it needs a gradient, the kernel ran
+    assert len(got) == len(want) > 0 and all(g is not None for g in got), trainable
+    for g, w in zip(got, want): assert (g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-6, (trainable, (g - w).abs().max(), w.abs().max())
+print('ok')
+'''
+
+def test_gpu_dispatch_takes_the_kernel_only_where_no_gradient_is_lost():
+    """The GPU branch of the dispatch, on the CPU (Triton's interpreter): evaluation without gradients runs every Mish
+    through the kernel with PyTorch's outputs; training runs PyTorch's Mish; a trainable BatchNorm after frozen convs
+    (fastai's `freeze`) gets PyTorch's gradients"""
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    res = subprocess.run([sys.executable, '-c', _TRITON_DISPATCH], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0 and res.stdout.startswith('ok'), res.stderr[-3000:]

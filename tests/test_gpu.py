@@ -98,3 +98,64 @@ def test_detector_trains_on_cuda():
     with torch.no_grad(): out = model(imgs)
     assert out[0]['boxes'].is_cuda and out[0]['boxes'].shape[1] == 4
 
+
+def _ulps(got, want, dtype):
+    "Largest difference in units of `dtype`'s last place, relative to the reference value (float64)"
+    ulp = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    return ((got.double() - want.double()).abs() / (want.double().abs() + 1)).max().item() / ulp
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_mish_kernel_equals_pytorch(dtype):
+    "The kernel against PyTorch's Mish evaluated in float64 on the values it reads (a bf16/fp16 sum rounded as PyTorch rounds it)"
+    from res2netplus import layers
+    F = torch.nn.functional
+    if not layers._gpu_kernels_ready(torch.device('cuda')): pytest.fail('the Triton Mish kernel does not run on this GPU')
+    g0 = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 26, 17, 19, generator=g0) * 8
+    x.view(-1)[:5] = torch.tensor([-100., -20., 19.9, 20.1, 25.])
+    x, r = x.to(dtype).cuda(), torch.randn(x.shape, generator=g0).to(dtype).cuda()
+    limit = 8 if dtype == torch.float32 else 1.01  # float32: a few ulps of arithmetic; bf16/fp16: one rounding
+    for cl in (False, True):
+        xc = x.contiguous(memory_format=torch.channels_last) if cl else x
+        assert _ulps(layers.gpu_mish(xc), F.mish(x.double()), dtype) < limit
+        assert _ulps(layers.gpu_mish(xc, r), F.mish((x + r).double()), dtype) < limit
+        assert layers.gpu_mish(xc).stride() == xc.stride()
+
+def test_triton_mish_runs_where_no_gradient_is_needed(monkeypatch):
+    """Evaluation without gradients runs Mish (and each block's addition) in the Triton kernel, with PyTorch's outputs,
+    float32 and bf16 autocast, both layouts; a training step runs PyTorch's modules"""
+    from res2netplus import layers
+    monkeypatch.setattr(layers, '_GPU_MIN_NUMEL', 0)  # every tensor, at test sizes
+    calls = []
+    kernel = layers.gpu_mish
+    monkeypatch.setattr(layers, 'gpu_mish', lambda x, r=None: calls.append(r is not None) or kernel(x, r))
+    m = _model().cuda()
+    for cl in (False, True):
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        mc = m.to(memory_format=fmt)
+        x = torch.randn(4, 3, 64, 64, device='cuda').contiguous(memory_format=fmt)
+        for amp in (None, torch.bfloat16):
+            calls.clear()
+            with torch.no_grad(), torch.autocast('cuda', dtype=amp or torch.float32, enabled=amp is not None):
+                out = mc(x)
+                assert calls.count(False) == 3 + 16 * 4 and calls.count(True) == 16  # the stem, every act→BN, each block's end
+                with layers.fast_path('aten'): ref = mc(x)
+            assert len(calls) == 83  # fast_path('aten'): PyTorch's modules
+            assert (out.float() - ref.float()).abs().max() / ref.float().abs().max() < (1e-5 if amp is None else 0.03)
+    calls.clear()
+    m.train()(torch.randn(4, 3, 64, 64, device='cuda')).sum().backward()
+    assert calls == []
+    monkeypatch.setattr(layers, '_GPU_MIN_NUMEL', 2 * 64 * 32 * 32 + 1)
+    with torch.no_grad(): m.eval()(torch.randn(2, 3, 64, 64, device='cuda'))
+    assert calls == []  # below the size where a launch pays
+
+def test_triton_mish_that_fails_its_check_warns_and_falls_back(monkeypatch):
+    from res2netplus import layers
+    monkeypatch.setitem(layers._fast, 'gpus', {})
+    monkeypatch.setattr(layers, '_GPU_MIN_NUMEL', 0)
+    def broken(device): raise RuntimeError('no Triton here')
+    monkeypatch.setattr(layers, '_check_gpu_kernels', broken)
+    m = _model().cuda()
+    x = torch.randn(2, 3, 64, 64, device='cuda')
+    with pytest.warns(UserWarning, match="PyTorch's Mish runs instead"), torch.no_grad(): out = m(x)
+    with layers.fast_path('reference'), torch.no_grad(): assert torch.equal(out, m(x))
