@@ -174,6 +174,10 @@ def fast_path(path:str):
     try: yield
     finally: set_fast_path(old)
 
+def _forward_ad() -> bool:
+    "Whether forward-mode AD is on (`torch.autograd.forward_ad.dual_level`): tangents need PyTorch's own ops, even under `no_grad`"
+    return getattr(torch.autograd.forward_ad, '_current_level', -1) >= 0
+
 def _exporting() -> bool:
     "Under torch.export, ONNX export or jit tracing the modules' own ops are traced, so an exported graph holds `Mish` nodes"
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
@@ -294,10 +298,10 @@ def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
         # without gradients and on large tensors, Mish (with the residual addition before it) in a Triton kernel; BatchNorm
         # stays cuDNN's. The cheap checks come first: a small batch's pace is the CPU's, and most calls end here
         if (_fast['path'] != 'compiled' or y.numel() < _GPU_MIN_NUMEL or (torch.is_grad_enabled() and y.requires_grad)
-            or y.dtype not in _GPU_DTYPES or y.dim() != 4 or not _is_plain(act, nn.Mish) or _exporting() or _hooked(act, norm)
-            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()): return 'reference'
-        return 'triton' if _gpu_kernels_ready(y.device) else 'reference'
-    if _fast['path'] == 'reference' or _exporting() or not _is_plain(act, nn.Mish) or y.dim() != 4: return 'reference'
+            or y.dtype not in _GPU_DTYPES or y.dim() != 4 or not _is_plain(act, nn.Mish) or _forward_ad() or _exporting()
+            or _hooked(act, norm) or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()): return 'reference'
+        return 'triton' if _gpu_kernels_ready(y.device, y.dtype) else 'reference'
+    if _fast['path'] == 'reference' or _exporting() or not _is_plain(act, nn.Mish) or y.dim() != 4 or _forward_ad(): return 'reference'
     # the C++ kernels: measured and tested on CPU float32; mixed precision (autocast, fp16/bf16 tensors) keeps PyTorch's own modules
     if y.device.type != 'cpu' or y.dtype != torch.float32 or torch.is_autocast_enabled(y.device.type): return 'reference'
     if _hooked(act, norm): return 'reference'  # module hooks (fastai's ActivationStats, Grad-CAM) see every module run
@@ -532,9 +536,9 @@ class BatchNormAddMish(torch.autograd.Function):
         gc, gr, gw, gb = res if res is not None else _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, ctx.eps)
         return gc, gr, gw, gb, None, None
 
-# %% ../nbs/00_layers.ipynb #e7f03da3
+# %% ../nbs/00_layers.ipynb #4ff9ad0c
 try: import triton, triton.language as tl
-except ImportError: triton = None  # a PyTorch build without Triton: GPUs run PyTorch's Mish
+except Exception: triton = None  # no Triton (a PyTorch build without it, or a broken install): GPUs run PyTorch's Mish
 
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GPU_BLOCK = 1024
@@ -566,45 +570,66 @@ def _strided_like(t:torch.Tensor, like:torch.Tensor) -> torch.Tensor:
 
 def gpu_mish(x:torch.Tensor, r:torch.Tensor|None=None) -> torch.Tensor:
     "`mish(x)`, or `mish(x + r)`, in one Triton kernel (Mish from one `exp`, float32 arithmetic); no gradient"
+    if triton is None: raise RuntimeError("gpu_mish needs Triton (`pip install triton`); without it res2netplus runs PyTorch's Mish.")
     x = _dense(x)
     r = None if r is None else _strided_like(r, x)
     y = torch.empty_like(x)
     n = x.numel()
-    _mish_fwd_kernel[(triton.cdiv(n, _GPU_BLOCK),)](x, x if r is None else r, y, n, HAS_R=r is not None, BLOCK=_GPU_BLOCK)
+    with torch.cuda.device(x.device) if x.is_cuda else nullcontext():  # Triton launches on the current GPU's stream: make it the tensors'
+        _mish_fwd_kernel[(triton.cdiv(n, _GPU_BLOCK),)](x, x if r is None else r, y, n, HAS_R=r is not None, BLOCK=_GPU_BLOCK)
     return y
 
-def _check_gpu_kernels(device:torch.device):
-    "Compile the kernel on `device` and compare it with PyTorch's Mish on values from -30 to 30 (a partial last block)"
-    x = torch.linspace(-30, 30, 3 * _GPU_BLOCK + 7, device=device)
-    r = torch.linspace(2, -2, x.numel(), device=device)
-    with torch.no_grad():
-        for got, want in ((gpu_mish(x), F.mish(x)), (gpu_mish(x, r), F.mish(x + r))):
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-                raise RuntimeError(f'the kernel differs from PyTorch by {(got - want).abs().max().item():.3g}')
+_GPU_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # a few float32 ulps; one rounding
 
-def _gpu_kernels_ready(device:torch.device) -> bool:
-    "Whether the Triton Mish runs on `device`: checked once per GPU; False, after one warning, where it cannot"
+def _check_gpu_kernels(device:torch.device, dtype:torch.dtype):
+    """Compile the kernel's variants for `dtype` on `device` (with and without the addition, sizes that are and are not a
+    multiple of 16) and compare them with PyTorch's Mish on values from -30 to 30"""
+    tol = _GPU_TOLERANCE[dtype]
+    with torch.no_grad():
+        for n in (4 * _GPU_BLOCK, 3 * _GPU_BLOCK + 7):
+            x = torch.linspace(-30, 30, n, device=device).to(dtype)
+            r = torch.linspace(2, -2, n, device=device).to(dtype)
+            for got, want in ((gpu_mish(x), F.mish(x)), (gpu_mish(x, r), F.mish(x + r))):
+                if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol):
+                    raise RuntimeError(f'the kernel differs from PyTorch by {(got.float() - want.float()).abs().max().item():.3g}')
+
+def _gpu_key(device:torch.device, dtype:torch.dtype) -> tuple:
+    return device.type, torch.cuda.current_device() if device.index is None else device.index, dtype
+
+def _gpu_kernel_fails(key:tuple, e:Exception):
+    "Run PyTorch's Mish from now on for this GPU and dtype, and say why once"
+    _fast['gpus'][key] = False
+    warnings.warn(f"res2netplus's Triton Mish kernel does not run on {torch.device(*key[:2])} for {key[2]} "
+                  f"({type(e).__name__}: {e}); PyTorch's Mish runs instead (same results, slower).")
+
+def _gpu_kernels_ready(device:torch.device, dtype:torch.dtype) -> bool:
+    "Whether the Triton Mish runs on `device` for `dtype`: checked once for each; False where it cannot (one warning)"
     if triton is None: return False
-    key = (device.type, torch.cuda.current_device() if device.index is None else device.index)
+    key = _gpu_key(device, dtype)
     ok = _fast['gpus'].get(key)
     if ok is None:
         if torch.cuda.is_current_stream_capturing(): return False  # the check synchronizes: not inside a CUDA graph capture
         with _build_lock:
             ok = _fast['gpus'].get(key)
             if ok is None:
-                try: _check_gpu_kernels(torch.device(*key)); ok = True
-                except Exception as e:
-                    ok = False
-                    warnings.warn(f"res2netplus's Triton Mish kernel does not run on {torch.device(*key)} ({type(e).__name__}: {e}); "
-                                  "PyTorch's Mish runs instead (same results, slower). set_fast_path('aten') silences this.")
-                _fast['gpus'][key] = ok
+                try: _check_gpu_kernels(torch.device(*key[:2]), dtype); ok = _fast['gpus'][key] = True
+                except torch.OutOfMemoryError: return False  # the GPU is full for now: check again at the next call
+                except Exception as e: _gpu_kernel_fails(key, e); ok = False
     return ok
+
+def _gpu_mish_or_none(x:torch.Tensor, r:torch.Tensor|None=None) -> torch.Tensor|None:
+    "`gpu_mish`; None (PyTorch's Mish then runs) where Triton fails on a variant its check did not compile (an unaligned view)"
+    try: return gpu_mish(x, r)
+    except torch.OutOfMemoryError: raise
+    except Exception as e: _gpu_kernel_fails(_gpu_key(x.device, x.dtype), e)
 
 # %% ../nbs/00_layers.ipynb #a6f0c106
 def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
     "`norm(act(y))`; Mish + BatchNorm2d (or a folded Identity) run fused and memory-lean unless `fast_path('reference')`"
     path = _path(y, act, norm)
-    if path == 'triton': return norm(gpu_mish(y))
+    if path == 'triton':
+        out = _gpu_mish_or_none(y)
+        return norm(act(y) if out is None else out)
     if path in ('reference', 'formula'): return norm(_act(path, act)(y))
     if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
@@ -619,9 +644,10 @@ def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, 
     if path == 'triton' and c.shape == r.shape:
         c = norm(c)
         c = c if drop_path is None else drop_path(c)
+        out = None
         # a trainable BatchNorm after a frozen conv (fastai's `freeze` keeps BatchNorms training) needs the gradient
-        if c.dtype == r.dtype and not (torch.is_grad_enabled() and (c.requires_grad or r.requires_grad)): return gpu_mish(c, r)
-        return act(c + r)
+        if c.dtype == r.dtype and not (torch.is_grad_enabled() and (c.requires_grad or r.requires_grad)): out = _gpu_mish_or_none(c, r)
+        return act(c + r) if out is None else out
     dropping = drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training
     if path in ('compiled', 'aten') and not dropping and not _hooked(drop_path) and c.shape == r.shape:
         if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:

@@ -537,7 +537,7 @@ class AsCuda:
     def __init__(self, t): self.t = t
     def __getattr__(self, name): return getattr(self.t, name)
 
-L._fast['gpus'][('cuda', 0)] = True
+L._fast['gpus'][('cuda', 0, torch.float32)] = True
 L._GPU_MIN_NUMEL = 0
 path = L._path
 L._path = lambda y, act, norm: path(AsCuda(y), act, norm)
@@ -570,14 +570,34 @@ for trainable in ('bn', 'bn3'):  # fastai's freeze (every BatchNorm trains), or 
     assert calls, trainable  # where nothing before it needs a gradient, the kernel ran
     assert len(got) == len(want) > 0 and all(g is not None for g in got), trainable
     for g, w in zip(got, want): assert (g - w).abs().max() <= 1e-4 * w.abs().max() + 1e-6, (trainable, (g - w).abs().max(), w.abs().max())
+
+import torch.autograd.forward_ad as fwAD  # forward-mode AD ignores no_grad: its tangents need PyTorch's ops
+calls.clear()
+t = torch.randn_like(x)
+def tangent(path):
+    with L.fast_path(path), torch.no_grad(), fwAD.dual_level(): return fwAD.unpack_dual(m.eval()(fwAD.make_dual(x, t))).tangent
+got, want = tangent('compiled'), tangent('reference')
+assert calls == [] and got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 print('ok')
 '''
 
 def test_gpu_dispatch_takes_the_kernel_only_where_no_gradient_is_lost():
     """The GPU branch of the dispatch, on the CPU (Triton's interpreter): evaluation without gradients runs every Mish
     through the kernel with PyTorch's outputs; training runs PyTorch's Mish; a trainable BatchNorm after frozen convs
-    (fastai's `freeze`) gets PyTorch's gradients"""
+    (fastai's `freeze`) gets PyTorch's gradients; forward-mode AD gets PyTorch's tangents"""
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET='1')
     res = subprocess.run([sys.executable, '-c', _TRITON_DISPATCH], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0 and res.stdout.startswith('ok'), res.stderr[-3000:]
+
+@pytest.mark.parametrize('train', [False, True])
+def test_forward_mode_ad_gives_the_reference_tangents(plus, train):
+    "Forward-mode AD (`torch.func.jvp`'s engine, `forward_ad.dual_level`) ignores `no_grad`: the fused paths step aside"
+    import torch.autograd.forward_ad as fwAD
+    m = copy.deepcopy(plus).train(train)
+    x, t = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    def tangent(path):
+        with fast_path(path), torch.no_grad(), fwAD.dual_level():
+            return fwAD.unpack_dual(copy.deepcopy(m)(fwAD.make_dual(x, t))).tangent
+    got, want = tangent('compiled'), tangent('reference')
+    assert got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -109,7 +109,7 @@ def test_triton_mish_kernel_equals_pytorch(dtype):
     "The kernel against PyTorch's Mish evaluated in float64 on the values it reads (a bf16/fp16 sum rounded as PyTorch rounds it)"
     from res2netplus import layers
     F = torch.nn.functional
-    if not layers._gpu_kernels_ready(torch.device('cuda')): pytest.fail('the Triton Mish kernel does not run on this GPU')
+    if not layers._gpu_kernels_ready(torch.device('cuda'), dtype): pytest.fail(f'the Triton Mish kernel does not run on this GPU for {dtype}')
     g0 = torch.Generator().manual_seed(0)
     x = torch.randn(3, 26, 17, 19, generator=g0) * 8
     x.view(-1)[:5] = torch.tensor([-100., -20., 19.9, 20.1, 25.])
@@ -153,9 +153,21 @@ def test_triton_mish_that_fails_its_check_warns_and_falls_back(monkeypatch):
     from res2netplus import layers
     monkeypatch.setitem(layers._fast, 'gpus', {})
     monkeypatch.setattr(layers, '_GPU_MIN_NUMEL', 0)
-    def broken(device): raise RuntimeError('no Triton here')
+    def broken(device, dtype): raise RuntimeError('no Triton here')
     monkeypatch.setattr(layers, '_check_gpu_kernels', broken)
     m = _model().cuda()
     x = torch.randn(2, 3, 64, 64, device='cuda')
     with pytest.warns(UserWarning, match="PyTorch's Mish runs instead"), torch.no_grad(): out = m(x)
     with layers.fast_path('reference'), torch.no_grad(): assert torch.equal(out, m(x))
+
+def test_triton_mish_launches_on_the_tensors_gpu(monkeypatch):
+    "Triton launches on the current device: a model on another GPU than the current one must not run on the current one's stream"
+    if torch.cuda.device_count() < 2: pytest.skip('needs two GPUs')
+    from res2netplus import layers
+    monkeypatch.setattr(layers, '_GPU_MIN_NUMEL', 0)
+    m = _model().to('cuda:1')
+    x = torch.randn(2, 3, 64, 64, device='cuda:1')
+    with torch.no_grad():
+        out = m(x)
+        with layers.fast_path('reference'): ref = m(x)
+    assert torch.cuda.current_device() == 0 and (out - ref).abs().max() < 1e-4
