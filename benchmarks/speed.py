@@ -2,7 +2,8 @@
 torchvision's resnet50, in one interleaved run. Every figure is also given as a ratio against resnet50 from the same
 round, so that load on the machine affects all models alike; medians with min–max over the rounds.
 
-    python benchmarks/speed.py                       # CPU: inference, training (NCHW and channels_last), memory, torch.compile (~40 min on 2 idle cores)
+    python benchmarks/speed.py                       # CPU: inference (batch 8, and batch 1: latency), training (NCHW and channels_last),
+                                                     # memory, torch.compile (~45 min on 2 idle cores)
     python benchmarks/speed.py --quick               # smoke run: small sizes, 2 rounds, no compile (< 2 min)
     python benchmarks/speed.py --only train memory   # some sections: infer, latency, train, memory, compile, train_compiled
     python benchmarks/speed.py --device cuda         # GPU: AMP (bf16, else fp16), channels_last, bigger batches, img/s,

@@ -299,6 +299,7 @@ def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
         # stays cuDNN's. The cheap checks come first: a small batch's pace is the CPU's, and most calls end here
         if (_fast['path'] != 'compiled' or y.numel() < _GPU_MIN_NUMEL or (torch.is_grad_enabled() and y.requires_grad)
             or y.dtype not in _GPU_DTYPES or y.dim() != 4 or not _is_plain(act, nn.Mish) or _forward_ad() or _exporting()
+            or type(y).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__  # DTensor, fake tensors: no plain memory
             or _hooked(act, norm) or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()): return 'reference'
         return 'triton' if _gpu_kernels_ready(y.device, y.dtype) else 'reference'
     if _fast['path'] == 'reference' or _exporting() or not _is_plain(act, nn.Mish) or y.dim() != 4 or _forward_ad(): return 'reference'
@@ -536,10 +537,7 @@ class BatchNormAddMish(torch.autograd.Function):
         gc, gr, gw, gb = res if res is not None else _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, ctx.eps)
         return gc, gr, gw, gb, None, None
 
-# %% ../nbs/00_layers.ipynb #4ff9ad0c
-try: import triton, triton.language as tl
-except Exception: triton = None  # no Triton (a PyTorch build without it, or a broken install): GPUs run PyTorch's Mish
-
+# %% ../nbs/00_layers.ipynb #fa644164
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GPU_BLOCK = 1024
 # A Triton launch from Python costs tens of µs of CPU time, several times a PyTorch op's: it pays only where the GPU, not
@@ -547,7 +545,9 @@ _GPU_BLOCK = 1024
 # elements at batch 256. (At 8 M, batch 16 launched 5 and ran 2 ms slower on an H200.)
 _GPU_MIN_NUMEL = 1 << 24
 
-if triton is not None:
+try:
+    import triton, triton.language as tl
+
     @triton.jit
     def _mish_fwd_kernel(x_ptr, r_ptr, y_ptr, n, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
         "mish(x) or mish(x + r), the sum rounded to the dtype first as PyTorch's addition is; float32 arithmetic"
@@ -559,9 +559,11 @@ if triton is not None:
         e = tl.exp(tl.minimum(x, 20.))
         t = e * (e + 2.)
         tl.store(y_ptr + offs, (x * (t / (t + 2.))).to(y_ptr.dtype.element_ty), mask=mask)
+except Exception: triton = None  # no Triton (a PyTorch build without it, a broken install, no sources to read): GPUs run PyTorch's Mish
 
 def _dense(t:torch.Tensor) -> torch.Tensor:
     "`t`, or a copy of it, that is one dense block of memory (NCHW or channels_last): what the elementwise kernel indexes flat"
+    if t.dim() != 4: return t.contiguous()
     return t if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=_fmt(t))
 
 def _strided_like(t:torch.Tensor, like:torch.Tensor) -> torch.Tensor:
@@ -571,6 +573,9 @@ def _strided_like(t:torch.Tensor, like:torch.Tensor) -> torch.Tensor:
 def gpu_mish(x:torch.Tensor, r:torch.Tensor|None=None) -> torch.Tensor:
     "`mish(x)`, or `mish(x + r)`, in one Triton kernel (Mish from one `exp`, float32 arithmetic); no gradient"
     if triton is None: raise RuntimeError("gpu_mish needs Triton (`pip install triton`); without it res2netplus runs PyTorch's Mish.")
+    if r is not None and (r.shape != x.shape or r.dtype != x.dtype or r.device != x.device):
+        raise ValueError(f"gpu_mish adds tensors of one shape, dtype and device: got {tuple(x.shape)} {x.dtype} {x.device} and "
+                         f"{tuple(r.shape)} {r.dtype} {r.device}. Expand or convert `r` first (`r.expand_as(x).to(x)`).")
     x = _dense(x)
     r = None if r is None else _strided_like(r, x)
     y = torch.empty_like(x)
@@ -613,14 +618,14 @@ def _gpu_kernels_ready(device:torch.device, dtype:torch.dtype) -> bool:
             ok = _fast['gpus'].get(key)
             if ok is None:
                 try: _check_gpu_kernels(torch.device(*key[:2]), dtype); ok = _fast['gpus'][key] = True
-                except torch.OutOfMemoryError: return False  # the GPU is full for now: check again at the next call
+                except torch.cuda.OutOfMemoryError: return False  # the GPU is full for now: check again at the next call
                 except Exception as e: _gpu_kernel_fails(key, e); ok = False
     return ok
 
 def _gpu_mish_or_none(x:torch.Tensor, r:torch.Tensor|None=None) -> torch.Tensor|None:
     "`gpu_mish`; None (PyTorch's Mish then runs) where Triton fails on a variant its check did not compile (an unaligned view)"
     try: return gpu_mish(x, r)
-    except torch.OutOfMemoryError: raise
+    except torch.cuda.OutOfMemoryError: raise
     except Exception as e: _gpu_kernel_fails(_gpu_key(x.device, x.dtype), e)
 
 # %% ../nbs/00_layers.ipynb #a6f0c106

@@ -12,7 +12,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD
 else export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; fi
 export PYTHONUNBUFFERED=1
-step() { local limit=$1 name=$2; shift 2; [[ " ${SKIP:-} " == *" $name "* ]] && return; echo "== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "   exit $? ($(date +%T))"; tail -n 25 "$OUT/$name.log"; }
+failed=""
+step() {  # LIMIT NAME COMMAND...: run, log to $OUT/NAME.log, show the end; a failed or timed-out step is named at the end
+  local limit=$1 name=$2 rc; shift 2
+  [[ " ${SKIP:-} " == *" $name "* ]] && return 0
+  echo "== $name ($(date +%T))"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; rc=$?
+  echo "   exit $rc ($(date +%T))"; tail -n 25 "$OUT/$name.log"
+  [ "$rc" -eq 0 ] || failed="$failed $name"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 120 tests python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
@@ -22,4 +30,5 @@ step 45 profile_plus python3 benchmarks/profile_step.py res2netplus50 --device c
 step 45 profile_timm python3 benchmarks/profile_step.py 'res2net50d (timm)' --device cuda --rows 30
 step 200 speed_memory python3 benchmarks/speed.py --device cuda --only memory
 cp benchmarks/results/speed-cuda.json "$OUT/" 2>/dev/null
-echo "== done ($(date +%T))"
+echo "== done ($(date +%T))${failed:+; failed:$failed}"
+[ -z "$failed" ]

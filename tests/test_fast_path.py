@@ -514,6 +514,11 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
             assert err < (8 if dt == torch.float32 else 1.01), (dt, cl, name, err)
 v = torch.randn(2, 8, 5, 5)[:, ::2]  # a strided view: copied to a dense block first
 assert torch.allclose(L.gpu_mish(v, v), F.mish(v + v), atol=1e-6)
+w = torch.randn(3, 40)  # not 4-D
+assert torch.allclose(L.gpu_mish(w.t()), F.mish(w.t()), atol=1e-6)
+for bad in (torch.randn(1, 4, 5, 5), torch.randn(2, 4, 5, 5, dtype=torch.float64)):  # broadcast, another dtype: refused, not misread
+    try: L.gpu_mish(v, bad); raise SystemExit('gpu_mish took a mismatched r')
+    except ValueError as e: assert 'expand_as' in str(e), e
 print('ok', worst)
 '''
 
@@ -534,9 +539,11 @@ from res2netplus.models import res2netplus50
 class AsCuda:
     "A CPU tensor that `_path` takes for a GPU's: its GPU branch runs, and Triton's interpreter runs the kernel"
     device = torch.device('cuda', 0)
+    __torch_dispatch__ = torch.Tensor.__torch_dispatch__
     def __init__(self, t): self.t = t
     def __getattr__(self, name): return getattr(self.t, name)
 
+L._gpu_key = lambda device, dtype: ('cuda', 0, dtype)  # the CPU tensors' kernel state is kept as cuda:0's
 L._fast['gpus'][('cuda', 0, torch.float32)] = True
 L._GPU_MIN_NUMEL = 0
 path = L._path
@@ -578,6 +585,16 @@ def tangent(path):
     with L.fast_path(path), torch.no_grad(), fwAD.dual_level(): return fwAD.unpack_dual(m.eval()(fwAD.make_dual(x, t))).tangent
 got, want = tangent('compiled'), tangent('reference')
 assert calls == [] and got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+import warnings  # a variant that Triton cannot build at its first launch: one warning, PyTorch's Mish from then on
+def fails(x, r=None): calls.append('failed'); raise RuntimeError('ptxas: this variant does not build')
+L.gpu_mish = fails
+with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    warnings.simplefilter('always')
+    out = m.eval()(x)
+    again = m(x)
+assert calls == ['failed'] and len([w for w in caught if "PyTorch's Mish runs instead" in str(w.message)]) == 1, caught
+assert L._fast['gpus'][('cuda', 0, torch.float32)] is False and torch.allclose(out, ref, rtol=1e-4, atol=1e-5) and torch.equal(out, again)
 print('ok')
 '''
 
@@ -601,3 +618,23 @@ def test_forward_mode_ad_gives_the_reference_tangents(plus, train):
             return fwAD.unpack_dual(copy.deepcopy(m)(fwAD.make_dual(x, t))).tangent
     got, want = tangent('compiled'), tangent('reference')
     assert got is not None and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+def test_gpu_kernel_check_is_retried_after_out_of_memory_and_a_failure_is_remembered(monkeypatch):
+    "The once-per-GPU-and-dtype check: a GPU full at that moment is checked again later; a failing check warns once, for good"
+    monkeypatch.setitem(layers._fast, 'gpus', {})
+    if layers.triton is None: monkeypatch.setattr(layers, 'triton', object())
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: False)
+    outcomes = [torch.cuda.OutOfMemoryError('CUDA out of memory'), None]
+    def check(device, dtype):
+        outcome = outcomes.pop(0)
+        if outcome is not None: raise outcome
+    monkeypatch.setattr(layers, '_check_gpu_kernels', check)
+    gpu = torch.device('cuda', 0)
+    assert not layers._gpu_kernels_ready(gpu, torch.float16) and layers._fast['gpus'] == {}
+    assert layers._gpu_kernels_ready(gpu, torch.float16) and layers._fast['gpus'] == {('cuda', 0, torch.float16): True}
+    def broken(device, dtype): raise RuntimeError('ptxas: cvt.bf16.f32 requires sm_80')
+    monkeypatch.setattr(layers, '_check_gpu_kernels', broken)
+    with pytest.warns(UserWarning, match="PyTorch's Mish runs instead"): assert not layers._gpu_kernels_ready(gpu, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert not layers._gpu_kernels_ready(gpu, torch.bfloat16) and layers._gpu_kernels_ready(gpu, torch.float16)
