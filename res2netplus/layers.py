@@ -537,7 +537,7 @@ class BatchNormAddMish(torch.autograd.Function):
         gc, gr, gw, gb = res if res is not None else _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, ctx.eps)
         return gc, gr, gw, gb, None, None
 
-# %% ../nbs/00_layers.ipynb #fa644164
+# %% ../nbs/00_layers.ipynb #5288b73d
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _GPU_BLOCK = 1024
 # A Triton launch from Python costs tens of µs of CPU time, several times a PyTorch op's: it pays only where the GPU, not
