@@ -136,27 +136,19 @@ def table(title, columns, results, models, img_s=False):
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
+def infer_column(args, cfg, models, bs, size, channels_last):
+    "One inference column: `models` at batch `bs`, `size` px, interleaved; its name and summary"
+    col = f"infer b{bs}@{size} {'channels_last' if channels_last else 'NCHW'}"
+    print(f'{col} …', file=sys.stderr, flush=True)
+    runners = [Runner(m, 'infer', bs, size, args.device, channels_last, cfg['amp']) for m in models]
+    return col, summarize(interleaved(runners, cfg['rounds'], cfg['iters'] + 2, warmup=1 if args.quick else 2), bs)
+
 def run_infer(args, cfg):
-    bs, size = cfg['infer']
-    res = {}
-    for cl in (False, True):
-        col = f"infer b{bs}@{size} {'channels_last' if cl else 'NCHW'}"
-        print(f'{col} …', file=sys.stderr, flush=True)
-        runners = [Runner(m, 'infer', bs, size, args.device, cl, cfg['amp']) for m in INFER_MODELS]
-        res[col] = summarize(interleaved(runners, cfg['rounds'], cfg['iters'] + 2, warmup=1 if args.quick else 2), bs)
-        del runners
-    return res
+    return dict(infer_column(args, cfg, INFER_MODELS, *cfg['infer'], cl) for cl in (False, True))
 
 def run_latency(args, cfg):
     "Inference at small batches, channels_last: a GPU's time there goes to launching kernels more than to running them"
-    res = {}
-    for bs, size in cfg['latency']:
-        col = f'infer b{bs}@{size} channels_last'
-        print(f'{col} …', file=sys.stderr, flush=True)
-        runners = [Runner(m, 'infer', bs, size, args.device, True, cfg['amp']) for m in LATENCY_MODELS]
-        res[col] = summarize(interleaved(runners, cfg['rounds'], cfg['iters'] + 2, warmup=2), bs)
-        del runners
-    return res
+    return dict(infer_column(args, cfg, LATENCY_MODELS, bs, size, True) for bs, size in cfg['latency'])
 
 def run_train(args, cfg):
     """Training steps, NCHW and channels_last on a CPU (channels_last only on a GPU). A channels_last column also times
