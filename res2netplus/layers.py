@@ -189,8 +189,11 @@ def _mish(y:torch.Tensor) -> torch.Tensor:
 # Each kernel's arguments (T a 4-D tensor, V a per-channel vector, f a float), then how many 4-D and per-channel outputs
 _KERNELS = dict(mish_bn_fwd=('TVVf', 1, 3), mish_bn_apply=('TVVVV', 1, 0), mish_bn_bwd=('TTVVV', 1, 2),
                 bn_add_mish_fwd=('TTVVf', 1, 3), bn_add_mish_bwd=('TTTVVVV', 2, 2),
-                mish_affine=('TVV', 1, 0), affine_add_mish=('TVVT', 1, 0))
-_SCRATCH = dict(mish_bn_bwd=1)  # 4-D work arrays a kernel needs, passed after its 4-D outputs: allocated here, so running out of memory raises
+                mish_affine=('TVV', 1, 0), affine_add_mish=('TVVT', 1, 0),
+                mish_bn_eval=('TVVVVf', 1, 0), bn_eval_add_mish=('TVVVVfT', 1, 0))
+# Work arrays a kernel needs, passed after its 4-D outputs and allocated here, so that running out of memory raises: the
+# input's size in channels_last, one channel's N·H·W floats per thread in NCHW
+_SCRATCH = dict(mish_bn_bwd=1)
 # -march=native: the library is built for, and cached per, this machine's instruction set
 _BUILD_FLAGS = (['-O3', '-march=native', '-fopenmp'], ['-O3', '-fopenmp'], ['-O3'])
 
@@ -256,9 +259,12 @@ def _kernels() -> ctypes.CDLL|None:
 
 _build_lock = threading.Lock()
 
+_CPU = torch.device('cpu')
+
 def _run_kernel(name:str, *args):
     "Run the fused kernel `name` on CPU float32 tensors; None where the kernels are not available (PyTorch's then run)"
-    lib = _kernels()
+    # Python's share of a call is most of it on small tensors (batch 1): copies, and checks that cost, only where needed
+    lib = _fast['lib'] or _kernels()
     if lib is None: return None
     spec, n_t, n_v = _KERNELS[name]
     first = args[0]
@@ -266,18 +272,23 @@ def _run_kernel(name:str, *args):
     ptrs, dense = [], []  # `dense` holds the copies the pointers point into until the call returns
     for kind, a in zip(spec, args):
         if kind == 'f': ptrs.append(a); continue
-        a = a.detach().contiguous(memory_format=fmt) if kind == 'T' else a.detach().contiguous()
         if a.dtype != torch.float32: return None
+        a_fmt = fmt if kind == 'T' else torch.contiguous_format
+        if not a.is_contiguous(memory_format=a_fmt): a = a.detach().contiguous(memory_format=a_fmt)
         dense.append(a); ptrs.append(a.data_ptr())
-    n, c, h, w = first.shape
-    f32 = dict(dtype=torch.float32, device='cpu')  # not the default dtype, which a user may have set to float64
-    scratch = [torch.empty(first.shape, memory_format=fmt, **f32) for _ in range(_SCRATCH.get(name, 0))]
-    outs = [torch.empty(first.shape, memory_format=fmt, **f32) for _ in range(n_t)] + [torch.empty(c, **f32) for _ in range(n_v)]
-    out_ptrs = [o.data_ptr() for o in outs[:n_t] + scratch + outs[n_t:]]
-    call = lambda: getattr(lib, name)(*ptrs, *out_ptrs, n, c, h * w, int(fmt == torch.channels_last), torch.get_num_threads())
+    shape = first.shape
+    n, c, h, w = shape
+    cl, threads = fmt == torch.channels_last, torch.get_num_threads()
+    # float32 on the CPU, not the default dtype and device, which a user may have set (float64, 'cuda')
+    outs = [torch.empty(shape, dtype=torch.float32, device=_CPU, memory_format=fmt) for _ in range(n_t)]
+    outs += [torch.empty(shape if cl else (threads, n * h * w), dtype=torch.float32, device=_CPU) for _ in range(_SCRATCH.get(name, 0))]
+    outs += [torch.empty(c, dtype=torch.float32, device=_CPU) for _ in range(n_v)]
+    fn = getattr(lib, name)
+    out_ptrs = [o.data_ptr() for o in outs]
     if torch.autograd.profiler._is_profiler_enabled:  # torch.profiler does not see a ctypes call: name it
-        with torch.profiler.record_function(f'res2netplus::{name}'): call()
-    else: call()
+        with torch.profiler.record_function(f'res2netplus::{name}'): fn(*ptrs, *out_ptrs, n, c, h * w, int(cl), threads)
+    else: fn(*ptrs, *out_ptrs, n, c, h * w, int(cl), threads)
+    if _SCRATCH.get(name): del outs[n_t:n_t + _SCRATCH[name]]
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 from torch.nn.modules import module as _module
@@ -327,7 +338,7 @@ def _update_running(bn, mean, var, momentum, n):
     bn.running_var.lerp_((var * (n / (n - 1))).to(bn.running_var.dtype), momentum)
 
 def _eval_affine(norm:nn.Module, like:torch.Tensor):
-    "BatchNorm in eval mode (or an Identity) as a per-channel scale and shift"
+    "BatchNorm in eval mode (or an Identity) as a per-channel scale and shift (the `*_bn_eval` kernels compute it themselves, rounded alike)"
     if isinstance(norm, nn.Identity): return like.new_ones(like.shape[1]), like.new_zeros(like.shape[1])
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
     return scale, norm.bias - norm.running_mean * scale
@@ -639,7 +650,8 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
     if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
     if path == 'compiled' and _inference(y, norm):
-        res = _run_kernel('mish_affine', y, *_eval_affine(norm, y))
+        res = (_run_kernel('mish_affine', y, *_eval_affine(norm, y)) if isinstance(norm, nn.Identity) else
+               _run_kernel('mish_bn_eval', y, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps))
         if res is not None: return res
     return norm(act(y))
 
@@ -658,7 +670,8 @@ def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, 
         if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:
             return BatchNormAddMish.apply(c, r, norm.weight, norm.bias, norm, path == 'compiled')
         if path == 'compiled' and _inference(c, norm) and not r.requires_grad:
-            res = _run_kernel('affine_add_mish', c, *_eval_affine(norm, c), r.contiguous(memory_format=_fmt(c)))
+            res = (_run_kernel('affine_add_mish', c, *_eval_affine(norm, c), r) if isinstance(norm, nn.Identity) else
+                   _run_kernel('bn_eval_add_mish', c, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps, r))
             if res is not None: return res
     c = norm(c)
     return _act(path, act)((c if drop_path is None else drop_path(c)) + r)

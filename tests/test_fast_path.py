@@ -360,6 +360,11 @@ def _reference_kernel(name, *a):
     if name == 'affine_add_mish':
         x, scale, shift, r = a
         return mish(x * v(scale) + v(shift) + r)
+    if name in ('mish_bn_eval', 'bn_eval_add_mish'):  # an eval-mode BatchNorm: running statistics
+        x, w, b, rm, rv, eps = a[:6]
+        x = (mish(x) - v(rm)) if name == 'mish_bn_eval' else (x - v(rm))
+        out = x * v(torch.rsqrt(rv + eps) * w) + v(b)
+        return out if name == 'mish_bn_eval' else mish(out + a[6])
     # backward kernels: autograd through the forward expression, batch statistics included (training-mode BatchNorm);
     # the statistics the kernels are given are the forward pass's, so these recompute the same ones
     if name == 'mish_bn_bwd':
@@ -435,8 +440,16 @@ def check_each_kernel(shape, channels_last):
     for got, want in zip((z, mean, var, inv), ref): assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
     # the rebuilt output is the forward output bit for bit
     assert torch.equal(layers._run_kernel('mish_bn_apply', y, wt, b, mean, inv), z)
+    # eval mode: the BatchNorm's scale and shift, which the kernels compute themselves, are _eval_affine's bit for bit
+    bn = nn.BatchNorm2d(c).eval()
+    with torch.no_grad(): bn.weight.copy_(wt); bn.bias.copy_(b); bn.running_mean.copy_(mean); bn.running_var.copy_(var)
+    scale, shift = [t.detach() for t in layers._eval_affine(bn, y)]
+    assert torch.equal(layers._run_kernel('mish_bn_eval', y, wt, b, mean, var, 1e-5), layers._run_kernel('mish_affine', y, scale, shift))
+    assert torch.equal(layers._run_kernel('bn_eval_add_mish', y, wt, b, mean, var, 1e-5, r),
+                       layers._run_kernel('affine_add_mish', y, scale, shift, r))
     cases = [('mish_bn_apply', (y, wt, b, mean, inv)), ('mish_affine', (y, wt, b)), ('affine_add_mish', (y, wt, b, r)),
-             ('bn_add_mish_fwd', (y, r, wt, b, 1e-5)), ('mish_bn_bwd', (grad, y, wt, mean, inv))]
+             ('bn_add_mish_fwd', (y, r, wt, b, 1e-5)), ('mish_bn_bwd', (grad, y, wt, mean, inv)),
+             ('mish_bn_eval', (y, wt, b, mean, var, 1e-5)), ('bn_eval_add_mish', (y, wt, b, mean, var, 1e-5, r))]
     _, mu, _, iv = layers._run_kernel('bn_add_mish_fwd', y, r, wt, b, 1e-5)
     cases.append(('bn_add_mish_bwd', (grad, y, r, wt, b, mu, iv)))
     for name, args in cases:
@@ -484,6 +497,14 @@ def test_kernels_take_views_and_any_thread_count(channels_last):
     dense = y.contiguous(memory_format=fmt)
     for got, want in zip(layers._run_kernel('mish_bn_fwd', y, w, b, 1e-5), layers._run_kernel('mish_bn_fwd', dense, w, b, 1e-5)):
         assert torch.equal(got, want)
+    # strided per-channel vectors (every other element of a longer one) and a second input in the other layout
+    other = torch.channels_last if fmt == torch.contiguous_format else torch.contiguous_format
+    r = torch.randn(3, 26, 6, 7).contiguous(memory_format=other)
+    vecs = [(torch.rand(52) + 0.5)[::2], torch.randn(52)[::2], torch.randn(52)[::2], (torch.rand(52) + 0.1)[::2]]
+    assert not any(v.is_contiguous() for v in vecs)
+    got = layers._run_kernel('bn_eval_add_mish', y, *vecs, 1e-5, r)
+    assert got.is_contiguous(memory_format=fmt)
+    assert torch.equal(got, layers._run_kernel('bn_eval_add_mish', dense, *[v.contiguous() for v in vecs], 1e-5, r.contiguous(memory_format=fmt)))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

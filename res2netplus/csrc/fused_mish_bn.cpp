@@ -181,30 +181,48 @@ static void map(const Shape &s, const float *const *in, float *const *out, const
 }
 
 // A reduction pass f1 (per-channel sums of its u, v), then coef(c, Σu, Σv), which sets the channel's parameters for
-// the elementwise pass f2. NCHW runs both passes channel by channel, while the channel's rows are still in cache.
+// the elementwise pass f2. NCHW runs both passes channel by channel, while the channel's rows are still in cache. With
+// `chan`, a work array of nt × N·S floats, NCHW passes the channel between the passes in the thread's own N·S: pass 1's
+// last output and pass 2's last input are that (a tensor-sized array is needed only in channels_last, out1/in2 there)
 template <int NI1, int NO1, int NP1, int NI2, int NO2, int NP2, class F1, class G, class F2>
 static void reduce_map(const Shape &s, const float *const *in1, float *const *out1, const float *const *par1, F1 f1, G coef,
-                       const float *const *in2, float *const *out2, const float *const *par2, F2 f2) {
+                       const float *const *in2, float *const *out2, const float *const *par2, F2 f2, float *chan = nullptr) {
   if (s.cl) {
     std::vector<double> su(s.C), sv(s.C);
     flat_pass<NI1, NO1, NP1>(s, in1, out1, par1, su.data(), sv.data(), f1);
     for (i64 c = 0; c < s.C; c++) coef(c, su[c], sv[c]);
     return flat_pass<NI2, NO2, NP2>(s, in2, out2, par2, nullptr, nullptr, f2);
   }
-#pragma omp parallel for num_threads(s.nt) schedule(static)
-  for (i64 c = 0; c < s.C; c++) {
-    V p[(NP1 > NP2 ? NP1 : NP2) + 1];
-    double a = 0., b = 0.;
-    for (int j = 0; j < NP1; j++) p[j] = splat(par1[j][c]);
-    V ua{}, va{};
-    i64 since_flush = 0;
-    for (i64 n = 0; n < s.N; n++) {  // float sums over 1024 elements or more, then double: short rows share a flush
-      row<NI1, NO1>(in1, out1, (n * s.C + c) * s.S, s.S, p, f1, ua, va);
-      if ((since_flush += s.S) >= 1024 || n == s.N - 1) { a += hsum(ua); b += hsum(va); ua = V{}; va = V{}; since_flush = 0; }
+#pragma omp parallel num_threads(s.nt)
+  {
+    float *buf = chan ? chan + (size_t)omp_get_thread_num() * s.N * s.S : nullptr;
+    const float *i1[NI1 ? NI1 : 1], *i2[NI2 ? NI2 : 1];
+    float *o1[NO1 ? NO1 : 1], *o2[NO2 ? NO2 : 1];
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < s.C; c++) {
+      V p[(NP1 > NP2 ? NP1 : NP2) + 1];
+      double a = 0., b = 0.;
+      for (int j = 0; j < NP1; j++) p[j] = splat(par1[j][c]);
+      V ua{}, va{};
+      i64 since_flush = 0;
+      for (i64 n = 0; n < s.N; n++) {  // float sums over 1024 elements or more, then double: short rows share a flush
+        i64 base = (n * s.C + c) * s.S;
+        for (int j = 0; j < NI1; j++) i1[j] = in1[j] + base;
+        for (int j = 0; j < NO1; j++) o1[j] = out1[j] + base;
+        if (buf) o1[NO1 - 1] = buf + n * s.S;
+        row<NI1, NO1>(i1, o1, 0, s.S, p, f1, ua, va);
+        if ((since_flush += s.S) >= 1024 || n == s.N - 1) { a += hsum(ua); b += hsum(va); ua = V{}; va = V{}; since_flush = 0; }
+      }
+      coef(c, a, b);
+      for (int j = 0; j < NP2; j++) p[j] = splat(par2[j][c]);
+      for (i64 n = 0; n < s.N; n++) {
+        i64 base = (n * s.C + c) * s.S;
+        for (int j = 0; j < NI2; j++) i2[j] = in2[j] + base;
+        for (int j = 0; j < NO2; j++) o2[j] = out2[j] + base;
+        if (buf) i2[NI2 - 1] = buf + n * s.S;
+        row<NI2, NO2>(i2, o2, 0, s.S, p, f2, ua, va);
+      }
     }
-    coef(c, a, b);
-    for (int j = 0; j < NP2; j++) p[j] = splat(par2[j][c]);
-    for (i64 n = 0; n < s.N; n++) row<NI2, NO2>(in2, out2, (n * s.C + c) * s.S, s.S, p, f2, ua, va);
   }
 }
 
@@ -258,7 +276,7 @@ void mish_bn_apply(const float *y, const float *w, const float *b, const float *
 }
 
 // Mish's derivative is computed once, in the first pass, and kept in gy (which the second pass overwrites) with x̂
-// in `xhat`, a scratch array of y's size: the second pass then needs no exp
+// in `xhat`, a work array (channels_last: y's size; NCHW: nt × N·S floats): the second pass then needs no exp
 void mish_bn_bwd(const float *g, const float *y, const float *w, const float *mean, const float *invstd, float *gy,
                  float *xhat, float *gw, float *gb, i64 N, i64 C, i64 S, int cl, int nt) {
   Shape s{N, C, S, cl, nt};
@@ -272,7 +290,7 @@ void mish_bn_bwd(const float *g, const float *y, const float *w, const float *me
       V xh = (m - p[0]) * p[1];
       o[0] = d; o[1] = xh; u = x[0]; v = x[0] * xh; },
     [&](i64 c, double sg, double sgx) { bn_grad_terms(c, n, sg, sgx, gw, gb, pm, px); },
-    in2, out2, par2, [](V *x, V *o, V *p, V &, V &) { o[0] = (x[0] - p[0] - x[2] * p[1]) * p[2] * x[1]; });
+    in2, out2, par2, [](V *x, V *o, V *p, V &, V &) { o[0] = (x[0] - p[0] - x[2] * p[1]) * p[2] * x[1]; }, cl ? nullptr : xhat);
 }
 
 // out = mish(bn(x) + r) with batch statistics
@@ -317,6 +335,32 @@ void affine_add_mish(const float *x, const float *scale, const float *shift, con
   Shape s{N, C, S, cl, nt};
   const float *in[] = {x, r}, *par[] = {scale, shift}; float *o[] = {out};
   map<2, 1, 2>(s, in, o, par, [](V *x, V *o, V *p, V &, V &) { o[0] = mish(x[0] * p[0] + p[1] + x[1]); });
+}
+
+
+// inference through an eval-mode BatchNorm: its scale and shift from the running statistics, rounded as PyTorch's ops
+// round them (1/√(var + eps), w·invstd, b − mean·scale: layers.py's _eval_affine), so one call does what five did
+static void bn_eval_affine(const float *w, const float *b, const float *rm, const float *rv, float eps, i64 C,
+                           std::vector<float> &scale, std::vector<float> &shift) {
+  for (i64 c = 0; c < C; c++) {
+    float invstd = 1.f / std::sqrt(rv[c] + eps);
+    scale[c] = w[c] * invstd;
+    shift[c] = b[c] - rm[c] * scale[c];
+  }
+}
+
+void mish_bn_eval(const float *y, const float *w, const float *b, const float *rm, const float *rv, float eps, float *z,
+                  i64 N, i64 C, i64 S, int cl, int nt) {
+  std::vector<float> scale(C), shift(C);
+  bn_eval_affine(w, b, rm, rv, eps, C, scale, shift);
+  mish_affine(y, scale.data(), shift.data(), z, N, C, S, cl, nt);
+}
+
+void bn_eval_add_mish(const float *x, const float *w, const float *b, const float *rm, const float *rv, float eps,
+                      const float *r, float *out, i64 N, i64 C, i64 S, int cl, int nt) {
+  std::vector<float> scale(C), shift(C);
+  bn_eval_affine(w, b, rm, rv, eps, C, scale, shift);
+  affine_add_mish(x, scale.data(), shift.data(), r, out, N, C, S, cl, nt);
 }
 
 }
