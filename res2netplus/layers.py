@@ -268,17 +268,20 @@ def _run_kernel(name:str, *args):
     if lib is None: return None
     spec, n_t, n_v = _KERNELS[name]
     first = args[0]
-    fmt = _fmt(first)
+    fmt, shape = _fmt(first), first.shape
+    n, c, h, w = shape
     ptrs, dense = [], []  # `dense` holds the copies the pointers point into until the call returns
     for kind, a in zip(spec, args):
         if kind == 'f': ptrs.append(a); continue
-        if a.dtype != torch.float32: return None
+        # what the kernels would misread goes to PyTorch's ops, which raise their own errors (a BatchNorm for another
+        # channel count, parameters on another device) or handle it (a lazily negated view)
+        if (a.dtype != torch.float32 or a.device.type != 'cpu' or a.is_neg()
+            or (a.shape != shape if kind == 'T' else a.shape != (c,))): return None
         a_fmt = fmt if kind == 'T' else torch.contiguous_format
         if not a.is_contiguous(memory_format=a_fmt): a = a.detach().contiguous(memory_format=a_fmt)
         dense.append(a); ptrs.append(a.data_ptr())
-    shape = first.shape
-    n, c, h, w = shape
     cl, threads = fmt == torch.channels_last, torch.get_num_threads()
+    if not cl: threads = min(threads, c)  # NCHW kernels share out channels: more threads would idle, each with a work row
     # float32 on the CPU, not the default dtype and device, which a user may have set (float64, 'cuda')
     outs = [torch.empty(shape, dtype=torch.float32, device=_CPU, memory_format=fmt) for _ in range(n_t)]
     outs += [torch.empty(shape if cl else (threads, n * h * w), dtype=torch.float32, device=_CPU) for _ in range(_SCRATCH.get(name, 0))]
@@ -320,7 +323,12 @@ def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
     if torch.compiler.is_compiling(): return 'formula'  # torch.compile, not export: plain ops the compiler fuses
     if torch._C._are_functorch_transforms_active(): return 'reference'  # torch.func (vmap, grad) runs PyTorch's ops
     if not (_is_plain(norm, nn.BatchNorm2d) and norm.affine) and not _is_plain(norm, nn.Identity): return 'reference'
+    if isinstance(norm, nn.BatchNorm2d) and norm.num_features != y.shape[1]: return 'reference'  # nn.BatchNorm2d names the mismatch
     return 'compiled' if _fast['path'] == 'compiled' and _fast['failed'] is None else 'aten'
+
+def _fits(bn:nn.BatchNorm2d, y:torch.Tensor) -> bool:
+    "Whether `bn`'s parameters and statistics are one per channel of `y`: PyTorch's `native_batch_norm`, which the fused Functions fall back on, reads past them where not"
+    return all(t is None or t.shape == (y.shape[1],) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
 
 def _momentum(bn:nn.BatchNorm2d) -> float:
     "nn.BatchNorm2d's own bookkeeping: count the batch, return the running-average factor"
@@ -647,7 +655,7 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
         out = _gpu_mish_or_none(y)
         return norm(act(y) if out is None else out)
     if path in ('reference', 'formula'): return norm(_act(path, act)(y))
-    if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
+    if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1] and _fits(norm, y):
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
     if path == 'compiled' and _inference(y, norm):
         res = (_run_kernel('mish_affine', y, *_eval_affine(norm, y)) if isinstance(norm, nn.Identity) else
@@ -667,7 +675,7 @@ def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, 
         return act(c + r) if out is None else out
     dropping = drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training
     if path in ('compiled', 'aten') and not dropping and not _hooked(drop_path) and c.shape == r.shape:
-        if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:
+        if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1] and _fits(norm, c):
             return BatchNormAddMish.apply(c, r, norm.weight, norm.bias, norm, path == 'compiled')
         if path == 'compiled' and _inference(c, norm) and not r.requires_grad:
             res = (_run_kernel('affine_add_mish', c, *_eval_affine(norm, c), r) if isinstance(norm, nn.Identity) else

@@ -513,6 +513,49 @@ def test_kernels_take_views_and_any_thread_count(channels_last):
     for got, want in zip(one, layers._run_kernel('mish_bn_fwd', dense, w, b, 1e-5)):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
+@pytest.mark.parametrize('training', [False, True])
+def test_a_batchnorm_that_does_not_fit_gets_pytorchs_error(training):
+    "A BatchNorm for another channel count, or with a parameter of another size: PyTorch's error, not values read past its buffers"
+    y = torch.randn(2, 4, 5, 5)
+    swapped = nn.BatchNorm2d(4)
+    swapped.weight = nn.Parameter(torch.ones(2))
+    for bn in (nn.BatchNorm2d(2), swapped):
+        bn.train(training)
+        calls = (lambda: layers.act_norm(nn.Mish(), bn, y), lambda: layers.norm_add_act(bn, nn.Mish(), y, torch.randn_like(y)))
+        for call in calls:
+            for path in ('compiled', 'aten'):
+                with torch.no_grad(), fast_path(path), pytest.raises(RuntimeError, match='should contain 4 elements'): call()
+                with fast_path(path), pytest.raises(RuntimeError, match='should contain 4 elements'): call()
+
+def test_a_batchnorm_on_another_device_gets_pytorchs_error():
+    "Parameters the kernels cannot read (on the meta device here) go to PyTorch's ops, which raise: the kernels crashed the process"
+    code = (
+        "import torch\nfrom torch import nn\nfrom res2netplus import layers as L\ny = torch.randn(2, 4, 5, 5)\n"
+        "for training in (False, True):\n"
+        "    bn = nn.BatchNorm2d(4, device='meta').train(training)\n"
+        "    for call in (lambda: L.act_norm(nn.Mish(), bn, y), lambda: L.norm_add_act(bn, nn.Mish(), y, torch.randn_like(y))):\n"
+        "        try:\n"
+        "            with torch.no_grad(): call()\n"
+        "        except RuntimeError as e: print('raised:', str(e).splitlines()[0])\n")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count('raised:') == 4 and 'meta' in out.stdout, out.stdout
+
+def test_more_threads_than_channels():
+    "NCHW kernels share out channels: with more threads than channels the results are those of one thread, bit for bit"
+    if layers._kernels() is None: pytest.skip(f"this machine cannot build the fused kernels: {layers._fast['failed']}")
+    g = torch.Generator().manual_seed(2)
+    y, grad = torch.randn(2, 3, 5, 7, generator=g), torch.randn(2, 3, 5, 7, generator=g)
+    w = torch.rand(3, generator=g) + 0.5
+    threads, outs = torch.get_num_threads(), {}
+    try:
+        for nt in (1, 8):
+            torch.set_num_threads(nt)
+            _, mean, _, inv = layers._run_kernel('mish_bn_fwd', y, w, w, 1e-5)
+            outs[nt] = layers._run_kernel('mish_bn_bwd', grad, y, w, mean, inv)
+    finally: torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[8]))
+
 _TRITON_CHECK = r'''
 import torch, torch.nn.functional as F
 from res2netplus import layers as L
