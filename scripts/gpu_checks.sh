@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in order of importance, each with its own time limit, logs and JSON in ${OUT:-gpu-checks}/:
-# tests/test_gpu.py, inference (large and small batches), training steps, profiles of a step, memory. About 8 min on one H200.
+# tests/test_gpu.py, inference (large and small batches), training steps, profiles of a step, memory (about 8 min on one
+# H200), then compiled training steps (compiling 4 models takes minutes: last, so that a short lease loses only it).
 #   bash scripts/gpu_checks.sh                     # on a machine with a CUDA GPU and the project's packages
 #   SKIP='profile_timm speed_memory' bash scripts/gpu_checks.sh   # leave steps out
 # Wheels in .whl/ (made with `pip download` for the GPU machine's Python) are installed to /tmp/site first.
@@ -29,6 +30,7 @@ step 100 speed_train python3 benchmarks/speed.py --device cuda --rounds 3 --only
 step 45 profile_plus python3 benchmarks/profile_step.py res2netplus50 --device cuda --rows 30
 step 45 profile_timm python3 benchmarks/profile_step.py 'res2net50d (timm)' --device cuda --rows 30
 step 200 speed_memory python3 benchmarks/speed.py --device cuda --only memory
+step 420 speed_train_compiled python3 benchmarks/speed.py --device cuda --rounds 2 --only train_compiled
 cp benchmarks/results/speed-cuda.json "$OUT/" 2>/dev/null
 echo "== done ($(date +%T))${failed:+; failed:$failed}"
 [ -z "$failed" ]
