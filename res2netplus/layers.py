@@ -323,7 +323,6 @@ def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
     if torch.compiler.is_compiling(): return 'formula'  # torch.compile, not export: plain ops the compiler fuses
     if torch._C._are_functorch_transforms_active(): return 'reference'  # torch.func (vmap, grad) runs PyTorch's ops
     if not (_is_plain(norm, nn.BatchNorm2d) and norm.affine) and not _is_plain(norm, nn.Identity): return 'reference'
-    if isinstance(norm, nn.BatchNorm2d) and norm.num_features != y.shape[1]: return 'reference'  # nn.BatchNorm2d names the mismatch
     return 'compiled' if _fast['path'] == 'compiled' and _fast['failed'] is None else 'aten'
 
 def _fits(bn:nn.BatchNorm2d, y:torch.Tensor) -> bool:
@@ -350,6 +349,12 @@ def _eval_affine(norm:nn.Module, like:torch.Tensor):
     if isinstance(norm, nn.Identity): return like.new_ones(like.shape[1]), like.new_zeros(like.shape[1])
     scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
     return scale, norm.bias - norm.running_mean * scale
+
+def _run_eval_kernel(add:bool, x, norm, *r):
+    "Without gradients: `norm(mish(x))`, or with `add` `mish(norm(x) + r)`; a BatchNorm's statistics are read in the kernel"
+    if isinstance(norm, nn.Identity): return _run_kernel('affine_add_mish' if add else 'mish_affine', x, *_eval_affine(norm, x), *r)
+    return _run_kernel('bn_eval_add_mish' if add else 'mish_bn_eval', x, norm.weight, norm.bias, norm.running_mean,
+                       norm.running_var, norm.eps, *r)
 
 def _inference(y, norm) -> bool:
     "No gradient is needed and `norm` is an eval-mode BatchNorm with running statistics, or a folded BN's Identity (in any mode)"
@@ -658,8 +663,7 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
     if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1] and _fits(norm, y):
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
     if path == 'compiled' and _inference(y, norm):
-        res = (_run_kernel('mish_affine', y, *_eval_affine(norm, y)) if isinstance(norm, nn.Identity) else
-               _run_kernel('mish_bn_eval', y, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps))
+        res = _run_eval_kernel(False, y, norm)
         if res is not None: return res
     return norm(act(y))
 
@@ -678,8 +682,7 @@ def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, 
         if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1] and _fits(norm, c):
             return BatchNormAddMish.apply(c, r, norm.weight, norm.bias, norm, path == 'compiled')
         if path == 'compiled' and _inference(c, norm) and not r.requires_grad:
-            res = (_run_kernel('affine_add_mish', c, *_eval_affine(norm, c), r) if isinstance(norm, nn.Identity) else
-                   _run_kernel('bn_eval_add_mish', c, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps, r))
+            res = _run_eval_kernel(True, c, norm, r)
             if res is not None: return res
     c = norm(c)
     return _act(path, act)((c if drop_path is None else drop_path(c)) + r)
