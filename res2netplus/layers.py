@@ -136,8 +136,12 @@ def _mish_tsp(y):
     return n / (n + 2.)
 
 # %% ../nbs/00_layers.ipynb #a6f0c103
+def _bn_train(x, w, b, running_mean, running_var, momentum:float, eps:float):
+    "`native_batch_norm` in training mode (output, mean, invstd) after PyTorch's own checks: on its own it reads past a BatchNorm's buffers for another channel count"
+    return torch._batch_norm_impl_index(x, w, b, running_mean, running_var, True, momentum, eps, False)[:3]
+
 def _a_mish_bn_fwd(y, w, b, eps:float, running_mean=None, running_var=None, momentum:float=0.):
-    z, mean, invstd = torch.native_batch_norm(F.mish(y), w, b, running_mean, running_var, True, momentum, eps)
+    z, mean, invstd = _bn_train(F.mish(y), w, b, running_mean, running_var, momentum, eps)
     return z, mean, invstd
 
 def _a_mish_bn_apply(y, w, b, mean, invstd):
@@ -148,7 +152,7 @@ def _a_mish_bn_bwd(g, y, w, mean, invstd, eps:float):
     return torch.ops.aten.mish_backward(ga, y), gw, gb
 
 def _a_bn_add_mish_fwd(c, r, w, b, eps:float, running_mean=None, running_var=None, momentum:float=0.):
-    z, mean, invstd = torch.native_batch_norm(c, w, b, running_mean, running_var, True, momentum, eps)
+    z, mean, invstd = _bn_train(c, w, b, running_mean, running_var, momentum, eps)
     return F.mish(z.add_(r)), mean, invstd
 
 def _a_bn_add_mish_bwd(g, c, r, w, b, mean, invstd, eps:float):
@@ -324,10 +328,6 @@ def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
     if torch._C._are_functorch_transforms_active(): return 'reference'  # torch.func (vmap, grad) runs PyTorch's ops
     if not (_is_plain(norm, nn.BatchNorm2d) and norm.affine) and not _is_plain(norm, nn.Identity): return 'reference'
     return 'compiled' if _fast['path'] == 'compiled' and _fast['failed'] is None else 'aten'
-
-def _fits(bn:nn.BatchNorm2d, y:torch.Tensor) -> bool:
-    "Whether `bn`'s parameters and statistics are one per channel of `y`: PyTorch's `native_batch_norm`, which the fused Functions fall back on, reads past them where not"
-    return all(t is None or t.shape == (y.shape[1],) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
 
 def _momentum(bn:nn.BatchNorm2d) -> float:
     "nn.BatchNorm2d's own bookkeeping: count the batch, return the running-average factor"
@@ -660,7 +660,7 @@ def act_norm(act:nn.Module, norm:nn.Module, y:torch.Tensor) -> torch.Tensor:
         out = _gpu_mish_or_none(y)
         return norm(act(y) if out is None else out)
     if path in ('reference', 'formula'): return norm(_act(path, act)(y))
-    if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1] and _fits(norm, y):
+    if isinstance(norm, nn.BatchNorm2d) and norm.training and y.numel() > y.shape[1]:
         return MishBatchNorm.apply(y, norm.weight, norm.bias, norm, path == 'compiled')
     if path == 'compiled' and _inference(y, norm):
         res = _run_eval_kernel(False, y, norm)
@@ -679,7 +679,7 @@ def norm_add_act(norm:nn.Module, act:nn.Module, c:torch.Tensor, r:torch.Tensor, 
         return act(c + r) if out is None else out
     dropping = drop_path is not None and not isinstance(drop_path, nn.Identity) and drop_path.training
     if path in ('compiled', 'aten') and not dropping and not _hooked(drop_path) and c.shape == r.shape:
-        if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1] and _fits(norm, c):
+        if isinstance(norm, nn.BatchNorm2d) and norm.training and c.numel() > c.shape[1]:
             return BatchNormAddMish.apply(c, r, norm.weight, norm.bias, norm, path == 'compiled')
         if path == 'compiled' and _inference(c, norm) and not r.requires_grad:
             res = _run_eval_kernel(True, c, norm, r)
