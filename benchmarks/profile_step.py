@@ -7,11 +7,11 @@ import argparse, sys, warnings
 from pathlib import Path
 warnings.filterwarnings('ignore')
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import Runner, TRAIN_MODELS, sync
+from speed import Runner, GPU_TRAIN_MODELS, sync
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('model', choices=TRAIN_MODELS)
+    p.add_argument('model', choices=GPU_TRAIN_MODELS)
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     p.add_argument('--bs', type=int, help='batch size (default 128 on a GPU, 8 on a CPU)')
     p.add_argument('--size', type=int, default=224)

@@ -10,7 +10,10 @@ round, so that load on the machine affects all models alike; medians with min–
                                                      # and compiled training steps (train_compiled)
 
 Rows: `res2netplus50` runs the fused Mish + BatchNorm kernels (the default), `res2netplus50 (reference)` the same
-network on the straightforward modules (`fast_path('reference')`, the "before"), `res2netplus50 (deploy)` the
+network on the straightforward modules (`fast_path('reference')`, the "before"), `res2netplus50 (no conv bias)`
+(GPU training only) the same network with the conv biases that activation-before-BatchNorm brings removed, a
+measurement of what they cost there (cuDNN adds a bias in a kernel of its own, and its gradient in another; the
+package keeps them, the exact ImageNet weight transfer needs them), `res2netplus50 (deploy)` the
 output of `fuse_for_inference` (inference only; it stays channels_last, so its NCHW row is NCHW input). Peak training
 memory is measured in a fresh process per model: growth of the resident set (VmHWM after resetting it, glibc with a
 fixed mmap threshold) on a CPU, `torch.cuda.max_memory_allocated` on a GPU, during the model's first training step
@@ -27,6 +30,7 @@ warnings.filterwarnings('ignore')
 BASE = 'resnet50'
 TRAIN_MODELS = ['resnet50', 'res2netplus50', 'res2netplus50 (reference)', 'res2net50d (ours)', 'res2net50d (timm)',
                 'xresnet50 Mish']
+GPU_TRAIN_MODELS = TRAIN_MODELS + ['res2netplus50 (no conv bias)']
 INFER_MODELS = TRAIN_MODELS + ['res2netplus50 (deploy)']
 LATENCY_MODELS = ['resnet50', 'res2netplus50', 'res2netplus50 (reference)', 'res2netplus50 (deploy)', 'res2net50d (timm)']
 
@@ -35,7 +39,12 @@ def build(name):
     import torch, timm, torchvision
     from res2netplus.models import res2netplus50, res2net50d
     if name == 'resnet50': return torchvision.models.resnet50(), 'compiled'
-    if name.startswith('res2netplus50'): return res2netplus50(), 'reference' if 'reference' in name else 'compiled'
+    if name.startswith('res2netplus50'):
+        model = res2netplus50()
+        if name.endswith('(no conv bias)'):
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d): m.bias = None
+        return model, 'reference' if 'reference' in name else 'compiled'
     if name == 'res2net50d (ours)': return res2net50d(), 'compiled'
     if name == 'res2net50d (timm)': return timm.create_model('res2net50d'), 'compiled'
     if name == 'xresnet50 Mish':
@@ -158,7 +167,8 @@ def run_train(args, cfg):
         for cl in ((True,) if args.device == 'cuda' else (False, True)):
             col = f"train b{bs}@{size}{' channels_last' if cl else ''}"
             print(f'{col} …', file=sys.stderr, flush=True)
-            runners = [Runner(m, 'train', bs, size, args.device, cl, cfg['amp']) for m in TRAIN_MODELS]
+            models = GPU_TRAIN_MODELS if args.device == 'cuda' else TRAIN_MODELS
+            runners = [Runner(m, 'train', bs, size, args.device, cl, cfg['amp']) for m in models]
             if cl and args.device != 'cuda':
                 nchw = Runner(BASE, 'train', bs, size, args.device, False, cfg['amp'])
                 nchw.name = f'{BASE} NCHW'

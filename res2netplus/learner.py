@@ -18,8 +18,8 @@ from .models import RES2NET_FACTORIES, Res2Net, res2netplus50, variant_row, chec
 from .augment import Mixer, mix_callback, ProcessSeeded
 
 # %% auto #0
-__all__ = ['RECIPE', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput',
-           'SaveBestWeights', 'resumable_cbs', 'recipe_phases']
+__all__ = ['RECIPE', 'compile_learner', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN',
+           'CheckFiniteInput', 'SaveBestWeights', 'resumable_cbs', 'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)
@@ -66,15 +66,27 @@ def _with_mixer(cbs, mix:str|None) -> list:
                          f"pass the mixer once, by mix= or in cbs (with mix=None).")
     return cbs
 
-def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_channels_last:bool=True) -> Learner:
-    "Mixed precision on a GPU (or as asked); channels_last on a GPU, on a CPU when `cpu_channels_last` (measured faster), or as asked"
+def _untyped(x):
+    "A fastai `TensorImage` (any tensor subclass) as a plain tensor view: `torch.compile` mis-traces their `__torch_function__`"
+    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
+
+def compile_learner(learn:Learner, **kwargs) -> Learner:
+    "`torch.compile` (kwargs: its options) `learn.model` in place, taking plain tensors; its class, keys and `learn.export()` stay the eager model's"
+    model = learn.model
+    compiled = torch.compile(model._call_impl, **kwargs)  # what nn.Module.compile sets, behind a call that drops fastai's tensor types
+    model._compiled_call_impl = lambda *args, **kw: compiled(*map(_untyped, args), **{k: _untyped(v) for k, v in kw.items()})
+    return learn
+
+def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_channels_last:bool=True, compile:bool=False) -> Learner:
+    "Mixed precision on a GPU (or as asked); channels_last on a GPU, on a CPU when `cpu_channels_last` (measured faster), or as asked; `compile`: torch.compile"
     on_gpu = torch.device(learn.dls.device or 'cpu').type == 'cuda'
     if channels_last or (channels_last is None and (on_gpu or cpu_channels_last)): learn.add_cb(ChannelsLast())
+    if compile: compile_learner(learn)
     return _precision(learn, precision, on_gpu)
 
 def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pretrained:bool=False, weights=None, loss_func=None,
                         opt_func=None, metrics=None, cbs=None, label_smoothing:float=RECIPE['label_smoothing'],
-                        precision:str|None='auto', channels_last:bool|None=None, **kwargs) -> Learner:
+                        precision:str|None='auto', channels_last:bool|None=None, compile:bool=False, **kwargs) -> Learner:
     "A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`"
     pretrained = pretrained or weights is not None  # trained weights (a file): ImageNet statistics, a frozen body, fine-tuning
     if weights is not None: kwargs['weights'] = weights
@@ -83,7 +95,7 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pre
     if metrics is None: metrics = accuracy if single_label else accuracy_multi if isinstance(dls.loss_func, BCEWithLogitsLossFlat) else None
     learn = vision_learner(dls, _arch(arch), pretrained=pretrained, loss_func=loss_func, opt_func=opt_func or RECIPE['opt_func'],
                            metrics=metrics, cbs=_with_mixer(cbs, mix), **kwargs)
-    return _accelerate(learn, precision, channels_last)
+    return _accelerate(learn, precision, channels_last, compile=compile)
 
 # %% ../nbs/05_learner.ipynb #5a9e0f13
 def _epoch_seed(seed:int, phase:int, epoch:int, rank:int=0) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in order of importance, each with its own time limit, logs and JSON in ${OUT:-gpu-checks}/:
-# tests/test_gpu.py, inference (large and small batches), training steps, profiles of a step, memory (about 8 min on one
-# H200), then compiled training steps (compiling 4 models takes minutes: last, so that a short lease loses only it).
+# tests/test_gpu.py, inference (large and small batches), training steps (with a row that measures what the conv biases
+# cost), profiles of a step, memory (about 8 min on one H200), then compiled training steps (compiling 4 models takes
+# minutes: last, so that a short lease loses only it).
 #   bash scripts/gpu_checks.sh                     # on a machine with a CUDA GPU and the project's packages
 #   SKIP='profile_timm speed_memory' bash scripts/gpu_checks.sh   # leave steps out
 # Wheels in .whl/ (made with `pip download` for the GPU machine's Python) are installed to /tmp/site first.
@@ -26,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 step 120 tests python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 step 120 speed_infer python3 benchmarks/speed.py --device cuda --rounds 3 --only infer latency
-step 100 speed_train python3 benchmarks/speed.py --device cuda --rounds 3 --only train
+step 120 speed_train python3 benchmarks/speed.py --device cuda --rounds 3 --only train
 step 45 profile_plus python3 benchmarks/profile_step.py res2netplus50 --device cuda --rows 30
 step 45 profile_timm python3 benchmarks/profile_step.py 'res2net50d (timm)' --device cuda --rows 30
 step 200 speed_memory python3 benchmarks/speed.py --device cuda --only memory

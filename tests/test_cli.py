@@ -178,3 +178,18 @@ def test_bad_training_settings_end_with_a_message(image_folder, tmp_path, args, 
     "Settings that would train nothing (a batch larger than the training set) or go uphill: one line, exit status 2"
     r = cli('train', '--data', str(image_folder), '--size', '32', '--out', str(tmp_path/'run'), '--workers', '0', *args)
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+def test_compile_is_refused_where_it_does_not_compile_and_reaches_the_classifier(image_folder, tmp_path, monkeypatch):
+    "--compile: one line naming the fix for the tasks it does not compile (fastai's U-Net, detectors); classify passes it on"
+    for task in ('segment', 'detect'):
+        r = cli('train', '--task', task, '--compile', '--out', str(tmp_path/task))
+        assert r.returncode == 2 and '--compile is for --task classify' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    import res2netplus.learner
+    from res2netplus.cli import train
+    class Built(Exception): pass
+    def learner(dls, arch, **kw): raise Built(kw)
+    monkeypatch.setattr(res2netplus.learner, 'res2netplus_learner', learner)
+    for flag in (True, False):
+        with pytest.raises(Built) as built:
+            train(data=image_folder, size=32, bs=8, out=tmp_path/'run', workers=0, compile=flag)
+        assert built.value.args[0]['compile'] is flag

@@ -1,7 +1,7 @@
 "The recipe's learner: fit_recipe on a pretrained (frozen) body, and the recipe's parts in place."
 import pytest, torch
 import safetensors.torch
-from res2netplus.models import res2net50d
+from res2netplus.models import res2net50d, res2netplus50
 from res2netplus.learner import res2netplus_learner, RECIPE
 from res2netplus.augment import CutMix, MixUp, Mixer
 
@@ -53,3 +53,29 @@ def test_a_mixer_in_cbs_and_another_named_by_mix_are_refused(dls):
         mixers = [cb for cb in res2netplus_learner(dls, 'res2netplus50', mix=mix, cbs=mine).cbs if isinstance(cb, Mixer)]
         assert mixers == [mine]
     assert [type(cb) for cb in res2netplus_learner(dls, 'res2netplus50', cbs=[MixUp()]).cbs if isinstance(cb, Mixer)] == [MixUp]
+
+def tiny_plus(pretrained=False, **kwargs):
+    "Res2NetPlus with one block per stage and 8-channel splits: a graph the compiler finishes in about a minute on a CPU"
+    return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
+
+def test_compile_trains_the_compiled_model_and_exports_the_eager_one(dls, tmp_path):
+    "compile=True: torch.compile in place (fastai's callbacks, splitter and keys unchanged); the compiled model trains, "
+    "predicts as the eager one does, and learn.export() pickles it uncompiled"
+    from torch._dynamo.utils import counters
+    from fastai.learner import load_learner
+    eager = res2netplus_learner(dls, tiny_plus, mix=None)
+    learn = res2netplus_learner(dls, tiny_plus, mix=None, compile=True, path=tmp_path)
+    assert learn.model._compiled_call_impl is not None and eager.model._compiled_call_impl is None
+    assert type(learn.model) is type(eager.model) and learn.model.state_dict().keys() == eager.model.state_dict().keys()
+    graphs = counters['stats']['unique_graphs']
+    learn.fit(1, 1e-3)
+    assert counters['stats']['unique_graphs'] > graphs  # the training and validation passes ran compiled
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
+    x = dls.one_batch()[0].cpu().contiguous(memory_format=torch.channels_last)  # a TensorImage, as fastai batches are
+    model = learn.model.eval()
+    with torch.no_grad(): compiled, plain = model(x), model._call_impl(x)
+    assert torch.allclose(compiled, plain, rtol=1e-4, atol=1e-5)
+    learn.export('export.pkl')
+    loaded = load_learner(tmp_path/'export.pkl')
+    assert getattr(loaded.model, '_compiled_call_impl', None) is None
+    with torch.no_grad(): assert torch.allclose(loaded.model.eval()(x), plain, rtol=1e-4, atol=1e-5)
