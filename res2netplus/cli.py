@@ -144,7 +144,7 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     if bs < 1: raise ValueError(f"--bs {bs}: pass a batch size of 1 or more.")
     if epochs < 1: raise ValueError(f"--epochs {epochs}: pass 1 or more.")
     if lr is not None and not lr >= 0: raise ValueError(f"--lr {lr}: pass a positive learning rate (0 runs lr_find), or leave it out for the recipe's.")
-    if compile and task != 'classify':  # torch 2.14 fails on fastai's U-Net (it sets attributes on tensors), and a detector's sizes change every batch
+    if compile and task != 'classify':  # torch 2.14 fails on fastai's U-Net (it sets attributes on tensors); the other heads and detectors are untried
         raise ValueError(f"--compile is for --task classify: compiling a {task} model is not supported yet. Drop --compile.")
     if task in ('detect', 'instance'):
         from res2netplus.detection import train_detection
@@ -166,10 +166,9 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     if state is not None: pretrained, weights = False, None
     pretrained = pretrained or weights is not None
     if _checkpoint is None and is_main_process(): (out/'metrics.csv').unlink(missing_ok=True)  # appended to by each phase of fit_recipe, and by a resumed run
-    kw = dict(mix=mix, pretrained=pretrained, weights=weights, path=out, model_dir='.', cbs=CSVLogger(fname='metrics.csv', append=True),
-              compile=compile)
+    kw = dict(mix=mix, pretrained=pretrained, weights=weights, path=out, model_dir='.', cbs=CSVLogger(fname='metrics.csv', append=True))
     if segment: learn = res2netplus_seg_learner(dls, arch, head=head, output_stride=output_stride, **kw)
-    else: learn = res2netplus_learner(dls, arch, **kw)
+    else: learn = res2netplus_learner(dls, arch, compile=compile, **kw)
     if state is not None:
         try: learn.model.load_state_dict(state)
         except RuntimeError as e:

@@ -58,6 +58,7 @@ def tiny_plus(pretrained=False, **kwargs):
     "Res2NetPlus with one block per stage and 8-channel splits: a graph the compiler finishes in about a minute on a CPU"
     return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
 
+@pytest.mark.slow
 def test_compile_trains_the_compiled_model_and_exports_the_eager_one(dls, tmp_path):
     "compile=True: torch.compile in place (fastai's callbacks, splitter and keys unchanged); the compiled model trains, "
     "predicts as the eager one does, and learn.export() pickles it uncompiled"
@@ -74,8 +75,8 @@ def test_compile_trains_the_compiled_model_and_exports_the_eager_one(dls, tmp_pa
     x = dls.one_batch()[0].cpu().contiguous(memory_format=torch.channels_last)  # a TensorImage, as fastai batches are
     model = learn.model.eval()
     with torch.no_grad(): compiled, plain = model(x), model._call_impl(x)
-    assert torch.allclose(compiled, plain, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(compiled, plain, rtol=1e-4, atol=1e-4)
     learn.export('export.pkl')
     loaded = load_learner(tmp_path/'export.pkl')
     assert getattr(loaded.model, '_compiled_call_impl', None) is None
-    with torch.no_grad(): assert torch.allclose(loaded.model.eval()(x), plain, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(): assert torch.allclose(loaded.model.eval()(x), plain, rtol=1e-4, atol=1e-4)
