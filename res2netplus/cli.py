@@ -144,16 +144,18 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     if bs < 1: raise ValueError(f"--bs {bs}: pass a batch size of 1 or more.")
     if epochs < 1: raise ValueError(f"--epochs {epochs}: pass 1 or more.")
     if lr is not None and not lr >= 0: raise ValueError(f"--lr {lr}: pass a positive learning rate (0 runs lr_find), or leave it out for the recipe's.")
-    if compile and task != 'classify':  # torch 2.14 fails on fastai's U-Net (it sets attributes on tensors); the other heads and detectors are untried
-        raise ValueError(f"--compile is for --task classify: compiling a {task} model is not supported yet. Drop --compile.")
+    if compile and task in ('detect', 'instance'):
+        raise ValueError("--compile is for --task classify and segment: compiling a detector is not supported (its input sizes change "
+                         "from batch to batch). Drop --compile.")
     if task in ('detect', 'instance'):
         from res2netplus.detection import train_detection
         return train_detection(data, out=out, task=task, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
                                weights=weights, seed=seed, workers=workers, detector=detector, sync_bn=sync_bn, resume_from=_checkpoint,
                                run_info=dict(args=args, world_size=max(num_distrib(), 1)))
     if segment:
-        from res2netplus.segmentation import res2netplus_seg_learner, SEG_HEADS
+        from res2netplus.segmentation import res2netplus_seg_learner, SEG_HEADS, check_compilable
         if head not in SEG_HEADS: raise ValueError(f"Unknown --head {head!r}: use one of {', '.join(SEG_HEADS)}.")
+        if compile: check_compilable(head)
     variant_row(arch); mix_callback(mix)  # a bad name fails here, before any data is read
     if size < Res2Net.min_size: raise ValueError(f"--size {size} is smaller than the network's stride: use --size {Res2Net.min_size} or more.")
     with main_process_first():  # the bundled or generated data is written once
@@ -166,9 +168,10 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     if state is not None: pretrained, weights = False, None
     pretrained = pretrained or weights is not None
     if _checkpoint is None and is_main_process(): (out/'metrics.csv').unlink(missing_ok=True)  # appended to by each phase of fit_recipe, and by a resumed run
-    kw = dict(mix=mix, pretrained=pretrained, weights=weights, path=out, model_dir='.', cbs=CSVLogger(fname='metrics.csv', append=True))
+    kw = dict(mix=mix, pretrained=pretrained, weights=weights, path=out, model_dir='.', cbs=CSVLogger(fname='metrics.csv', append=True),
+              compile=compile)
     if segment: learn = res2netplus_seg_learner(dls, arch, head=head, output_stride=output_stride, **kw)
-    else: learn = res2netplus_learner(dls, arch, compile=compile, **kw)
+    else: learn = res2netplus_learner(dls, arch, **kw)
     if state is not None:
         try: learn.model.load_state_dict(state)
         except RuntimeError as e:
@@ -312,8 +315,8 @@ _TRAIN_HELP = dict(data='classify: folder with train/<class>/… and valid/<clas
                    seed='random seed: every epoch is reseeded from it, so a run is repeatable and --resume exact', workers='data loader processes (default: fastai\'s)',
                    resume='continue the interrupted run in --out from its checkpoint.pth, with its own settings and number of processes (only --workers may change)',
                    sync_bn='with --distributed on GPUs: BatchNorm over the global batch (SyncBatchNorm)',
-                   compile='classify: torch.compile the model before training, for GPUs (1.25× the eager throughput on an H100, '
-                           'after minutes of compiling)')
+                   compile='classify, segment (fpn, deeplabv3plus heads): torch.compile the model before training, for GPUs (1.25× the '
+                           'eager throughput on an H100, after minutes of compiling)')
 
 _TRAIN_TYPES = dict(size=int, bs=int, epochs=int, lr=float, seed=int, workers=int, output_stride=int)
 

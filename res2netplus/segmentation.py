@@ -26,7 +26,7 @@ from .distributed import ProcessShare
 # %% auto #0
 __all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead', 'FPNSegmentation',
            'DeepLabV3PlusHead', 'DeepLabV3Plus', 'SegmentationLoss', 'ConfusionMetric', 'MeanIoU', 'MeanDice',
-           'create_seg_model', 'res2net_seg_split', 'res2netplus_seg_learner']
+           'create_seg_model', 'res2net_seg_split', 'check_compilable', 'res2netplus_seg_learner']
 
 # %% ../nbs/06_segmentation.ipynb #786ef9d8
 def stage_info(body:nn.Sequential, n_in:int|None=None, size:int=64):
@@ -218,11 +218,18 @@ def res2net_seg_split(m:nn.Module):
 
 _LEARNER_ARGS = set(inspect.signature(Learner).parameters) - {'dls', 'model'}
 
+def check_compilable(head:str):
+    "Raise a `ValueError` naming the fix where `compile=True` cannot work: fastai's U-Net (the FPN and DeepLabV3+ heads compile)"
+    if head == 'unet':
+        raise ValueError("compile=True does not work with the 'unet' head: fastai's U-Net sets attributes on tensors, which torch.compile "
+                         "cannot trace (torch 2.14). Use the 'fpn' or 'deeplabv3plus' head (--head fpn), or train uncompiled.")
+
 def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|None=RECIPE['mix'], pretrained:bool=False,
                             output_stride:int|None=None, loss_func=None, dice_weight:float=0., ignore_index:int|None=255,
                             metrics=None, opt_func=None, cbs=None, precision:str|None='auto', channels_last:bool|None=None,
-                            weights=None, n_out:int|None=None, n_in:int=3, normalize:bool=True, **kwargs) -> Learner:
+                            weights=None, n_out:int|None=None, n_in:int=3, normalize:bool=True, compile:bool=False, **kwargs) -> Learner:
     "A segmentation Learner: Res2Net body, `head`, the recipe; train it with `learn.fit_recipe(epochs)`"
+    if compile: check_compilable(head)
     learner_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEARNER_ARGS}
     n_out = n_out or get_c(dls)
     if not n_out: raise ValueError("The number of classes is unknown: build the DataLoaders with MaskBlock(codes) or pass n_out.")
@@ -235,4 +242,4 @@ def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|No
                     cbs=_with_mixer(cbs, mix), splitter=res2net_seg_split, **learner_kw)
     if pretrained: learn.freeze()
     learn.arch, learn.head, learn.output_stride = arch, head, output_stride or DEFAULT_OUTPUT_STRIDE[head]
-    return _accelerate(learn, precision, channels_last, cpu_channels_last=False)  # a U-Net step ran 6 % slower in channels_last on a CPU
+    return _accelerate(learn, precision, channels_last, cpu_channels_last=False, compile=compile)  # a U-Net step ran 6 % slower in channels_last on a CPU

@@ -180,10 +180,11 @@ def test_bad_training_settings_end_with_a_message(image_folder, tmp_path, args, 
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
 
 def test_compile_is_refused_where_it_does_not_compile_and_reaches_the_classifier(image_folder, tmp_path, monkeypatch):
-    "--compile: one line naming the fix for the tasks it does not compile (fastai's U-Net, detectors); classify passes it on"
-    for task in ('segment', 'detect'):
-        r = cli('train', '--task', task, '--compile', '--out', str(tmp_path/task))
-        assert r.returncode == 2 and '--compile is for --task classify' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    "--compile: one line naming the fix where it cannot work (detectors, fastai's U-Net, the default segmentation head); classify passes it on"
+    for args, message in ((['--task', 'detect'], '--compile is for --task classify and segment'), (['--task', 'segment'], '--head fpn'),
+                          (['--task', 'segment', '--head', 'unet'], "Use the 'fpn' or 'deeplabv3plus' head")):
+        r = cli('train', *args, '--compile', '--out', str(tmp_path/'refused'))
+        assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
     import res2netplus.learner
     from res2netplus.cli import train
     class Built(Exception): pass

@@ -118,3 +118,20 @@ def test_a_non_res2net_factory_is_refused_with_the_fix():
     from res2netplus.detection import res2net_fpn_backbone
     for build in (lambda: create_seg_model(resnet34, 2, 'fpn'), lambda: res2net_fpn_backbone(resnet34)):
         with pytest.raises(ValueError, match=r"arch=resnet34 is not a Res2Net factory \(.*pretrained.*\): pass one such as res2netplus50"): build()
+
+def tiny_plus(pretrained=False, **kwargs):
+    "Res2NetPlus with one block per stage and 8-channel splits: a graph the compiler finishes in about a minute on a CPU"
+    return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
+
+@pytest.mark.slow
+def test_compile_trains_the_fpn_head_and_refuses_the_unet(seg_dls):
+    "compile=True: the FPN head trains compiled (and predicts as uncompiled); fastai's U-Net, which the compiler cannot trace, is refused with the fix"
+    from torch._dynamo.utils import counters
+    with pytest.raises(ValueError, match="Use the 'fpn' or 'deeplabv3plus' head"): res2netplus_seg_learner(seg_dls, tiny_plus, compile=True)
+    learn = res2netplus_seg_learner(seg_dls, tiny_plus, head='fpn', mix=None, compile=True)
+    graphs = counters['stats']['unique_graphs']
+    learn.fit(1, 1e-3)
+    assert counters['stats']['unique_graphs'] > graphs and torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
+    x = seg_dls.one_batch()[0].cpu()
+    model = learn.model.eval()
+    with torch.no_grad(): assert torch.allclose(model(x), model._call_impl(x), rtol=1e-4, atol=1e-4)
