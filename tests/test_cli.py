@@ -179,18 +179,20 @@ def test_bad_training_settings_end_with_a_message(image_folder, tmp_path, args, 
     r = cli('train', '--data', str(image_folder), '--size', '32', '--out', str(tmp_path/'run'), '--workers', '0', *args)
     assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
 
-def test_compile_is_refused_where_it_does_not_compile_and_reaches_the_classifier(image_folder, tmp_path, monkeypatch):
-    "--compile: one line naming the fix where it cannot work (detectors, fastai's U-Net, the default segmentation head); classify passes it on"
+def test_compile_is_refused_where_it_does_not_compile_and_reaches_the_learners(image_folder, shapes_folder, tmp_path, monkeypatch):
+    "--compile: one line naming the fix where it cannot work (detectors, fastai's U-Net, the default segmentation head); else the learner gets it"
     for args, message in ((['--task', 'detect'], '--compile is for --task classify and segment'), (['--task', 'segment'], '--head fpn'),
                           (['--task', 'segment', '--head', 'unet'], "Use the 'fpn' or 'deeplabv3plus' head")):
         r = cli('train', *args, '--compile', '--out', str(tmp_path/'refused'))
         assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
-    import res2netplus.learner
+    import res2netplus.learner, res2netplus.segmentation
     from res2netplus.cli import train
     class Built(Exception): pass
     def learner(dls, arch, **kw): raise Built(kw)
     monkeypatch.setattr(res2netplus.learner, 'res2netplus_learner', learner)
+    monkeypatch.setattr(res2netplus.segmentation, 'res2netplus_seg_learner', learner)
     for flag in (True, False):
-        with pytest.raises(Built) as built:
-            train(data=image_folder, size=32, bs=8, out=tmp_path/'run', workers=0, compile=flag)
-        assert built.value.args[0]['compile'] is flag
+        for task, data, head in (('classify', image_folder, 'unet'), ('segment', shapes_folder, 'fpn')):
+            with pytest.raises(Built) as built:
+                train(data=data, task=task, head=head, size=32, bs=4, out=tmp_path/'run', workers=0, compile=flag)
+            assert built.value.args[0]['compile'] is flag, task

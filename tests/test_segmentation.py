@@ -124,11 +124,12 @@ def tiny_plus(pretrained=False, **kwargs):
     return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
 
 @pytest.mark.slow
-def test_compile_trains_the_fpn_head_and_refuses_the_unet(seg_dls):
-    "compile=True: the FPN head trains compiled (and predicts as uncompiled); fastai's U-Net, which the compiler cannot trace, is refused with the fix"
+@pytest.mark.parametrize('head', ['fpn', 'deeplabv3plus'])
+def test_compile_trains_our_heads_and_refuses_the_unet(seg_dls, head):
+    "compile=True: the FPN and DeepLabV3+ heads train compiled (and predict as uncompiled); fastai's U-Net, which the compiler cannot trace, is refused with the fix"
     from torch._dynamo.utils import counters
     with pytest.raises(ValueError, match="Use the 'fpn' or 'deeplabv3plus' head"): res2netplus_seg_learner(seg_dls, tiny_plus, compile=True)
-    learn = res2netplus_seg_learner(seg_dls, tiny_plus, head='fpn', mix=None, compile=True)
+    learn = res2netplus_seg_learner(seg_dls, tiny_plus, head=head, mix=None, compile=True)
     graphs = counters['stats']['unique_graphs']
     learn.fit(1, 1e-3)
     assert counters['stats']['unique_graphs'] > graphs and torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
