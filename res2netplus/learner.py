@@ -14,6 +14,7 @@ from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntr
                                CancelFitException, SkipToEpoch, set_seed, noop, rank_distrib, num_distrib)
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
+from fastai.vision.models.unet import DynamicUnet
 from .models import RES2NET_FACTORIES, Res2Net, res2netplus50, variant_row, check_finite
 from .augment import Mixer, mix_callback, ProcessSeeded
 
@@ -70,9 +71,13 @@ def _untyped(x):
     "A fastai `TensorImage` (any tensor subclass) as a plain tensor view: `torch.compile` mis-traces their `__torch_function__`"
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
+_UNET_NOT_COMPILABLE = ("fastai's U-Net does not compile: it sets attributes on tensors, which torch.compile cannot trace (torch 2.14). "
+                       "Use the 'fpn' or 'deeplabv3plus' head (--head fpn), or train uncompiled.")
+
 def compile_learner(learn:Learner, **kwargs) -> Learner:
     "`torch.compile` (kwargs: its options) `learn.model` in place, taking plain tensors; its class, keys and `learn.export()` stay the eager model's"
     model = learn.model
+    if any(isinstance(m, DynamicUnet) for m in model.modules()): raise ValueError(_UNET_NOT_COMPILABLE)
     compiled = torch.compile(model._call_impl, **kwargs)  # what nn.Module.compile sets, behind a call that drops fastai's tensor types
     model._compiled_call_impl = lambda *args, **kw: compiled(*map(_untyped, args), **{k: _untyped(v) for k, v in kw.items()})
     return learn

@@ -20,7 +20,7 @@ from fastai.data.transforms import get_c
 from fastai.vision.learner import create_body, model_meta, _add_norm, _default_meta
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
-from .learner import RECIPE, _arch, _res2net_factory, _build_res2net, _with_mixer, _accelerate
+from .learner import RECIPE, _arch, _res2net_factory, _build_res2net, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
 from .distributed import ProcessShare
 
 # %% auto #0
@@ -219,10 +219,8 @@ def res2net_seg_split(m:nn.Module):
 _LEARNER_ARGS = set(inspect.signature(Learner).parameters) - {'dls', 'model'}
 
 def check_compilable(head:str):
-    "Raise a `ValueError` naming the fix where `compile=True` cannot work: fastai's U-Net (the FPN and DeepLabV3+ heads compile)"
-    if head == 'unet':
-        raise ValueError("compile=True does not work with the 'unet' head: fastai's U-Net sets attributes on tensors, which torch.compile "
-                         "cannot trace (torch 2.14). Use the 'fpn' or 'deeplabv3plus' head (--head fpn), or train uncompiled.")
+    "Raise `compile_learner`'s `ValueError` before any work where `compile=True` cannot work: fastai's U-Net (the FPN and DeepLabV3+ heads compile)"
+    if head == 'unet': raise ValueError(_UNET_NOT_COMPILABLE)
 
 def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|None=RECIPE['mix'], pretrained:bool=False,
                             output_stride:int|None=None, loss_func=None, dice_weight:float=0., ignore_index:int|None=255,

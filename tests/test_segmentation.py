@@ -129,6 +129,10 @@ def test_compile_trains_our_heads_and_refuses_the_unet(seg_dls, head):
     "compile=True: the FPN and DeepLabV3+ heads train compiled (and predict as uncompiled); fastai's U-Net, which the compiler cannot trace, is refused with the fix"
     from torch._dynamo.utils import counters
     with pytest.raises(ValueError, match="Use the 'fpn' or 'deeplabv3plus' head"): res2netplus_seg_learner(seg_dls, tiny_plus, compile=True)
+    from res2netplus.learner import compile_learner
+    unet = res2netplus_seg_learner(seg_dls, tiny_plus)  # compiled afterwards, as any Learner can be: refused too, not a RecursionError at the first batch
+    with pytest.raises(ValueError, match="fastai's U-Net does not compile"): compile_learner(unet)
+    assert unet.model._compiled_call_impl is None
     learn = res2netplus_seg_learner(seg_dls, tiny_plus, head=head, mix=None, compile=True)
     graphs = counters['stats']['unique_graphs']
     learn.fit(1, 1e-3)
