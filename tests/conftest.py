@@ -18,6 +18,11 @@ def release_memory():
     gc.collect()
     if _libc is not None: _libc.malloc_trim(0)
 
+def tiny_plus(pretrained=False, **kwargs):
+    "Res2NetPlus with one block per stage and 8-channel splits: a graph torch.compile finishes in about a minute on a CPU"
+    from res2netplus.models import res2netplus50
+    return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
+
 def randomize_bn(model, seed=0):
     "Give every BatchNorm non-trivial statistics and affine terms, keeping residual branches small"
     g = torch.Generator().manual_seed(seed)

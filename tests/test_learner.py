@@ -1,7 +1,8 @@
 "The recipe's learner: fit_recipe on a pretrained (frozen) body, and the recipe's parts in place."
 import pytest, torch
 import safetensors.torch
-from res2netplus.models import res2net50d, res2netplus50
+from res2netplus.models import res2net50d
+from conftest import tiny_plus
 from res2netplus.learner import res2netplus_learner, RECIPE
 from res2netplus.augment import CutMix, MixUp, Mixer
 
@@ -53,10 +54,6 @@ def test_a_mixer_in_cbs_and_another_named_by_mix_are_refused(dls):
         mixers = [cb for cb in res2netplus_learner(dls, 'res2netplus50', mix=mix, cbs=mine).cbs if isinstance(cb, Mixer)]
         assert mixers == [mine]
     assert [type(cb) for cb in res2netplus_learner(dls, 'res2netplus50', cbs=[MixUp()]).cbs if isinstance(cb, Mixer)] == [MixUp]
-
-def tiny_plus(pretrained=False, **kwargs):
-    "Res2NetPlus with one block per stage and 8-channel splits: a graph the compiler finishes in about a minute on a CPU"
-    return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
 
 @pytest.mark.slow
 def test_compile_trains_the_compiled_model_and_exports_the_eager_one(dls, tmp_path):

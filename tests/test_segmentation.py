@@ -8,6 +8,7 @@ from res2netplus.segmentation import (SEG_HEADS, create_seg_model, res2netplus_s
 from res2netplus.data import make_shapes, MaskFromImage, read_codes, image_files
 from res2netplus.augment import MixUp, Mixer
 from res2netplus.models import res2netplus50
+from conftest import tiny_plus
 
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
@@ -118,10 +119,6 @@ def test_a_non_res2net_factory_is_refused_with_the_fix():
     from res2netplus.detection import res2net_fpn_backbone
     for build in (lambda: create_seg_model(resnet34, 2, 'fpn'), lambda: res2net_fpn_backbone(resnet34)):
         with pytest.raises(ValueError, match=r"arch=resnet34 is not a Res2Net factory \(.*pretrained.*\): pass one such as res2netplus50"): build()
-
-def tiny_plus(pretrained=False, **kwargs):
-    "Res2NetPlus with one block per stage and 8-channel splits: a graph the compiler finishes in about a minute on a CPU"
-    return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
 
 @pytest.mark.slow
 @pytest.mark.parametrize('head', ['fpn', 'deeplabv3plus'])
