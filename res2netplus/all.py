@@ -8,6 +8,5 @@ from res2netplus.augment import *
 from res2netplus.learner import *
 from res2netplus.segmentation import *
 from res2netplus.detection import *
-from res2netplus.cascade import *
 from res2netplus.deploy import *
 from res2netplus.distributed import *

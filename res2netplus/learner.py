@@ -15,7 +15,7 @@ from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntr
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from fastai.vision.models.unet import DynamicUnet
-from .models import RES2NET_FACTORIES, Res2Net, res2netplus50, variant_row, check_finite
+from .models import res2netplus50, check_finite, resolve_arch as _arch
 from .augment import Mixer, mix_callback, ProcessSeeded
 
 # %% auto #0
@@ -24,31 +24,6 @@ __all__ = ['RECIPE', 'compile_learner', 'res2netplus_learner', 'EpochSeed', 'rea
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)
-
-def _arch(arch):
-    if isinstance(arch, str):
-        if arch in RES2NET_FACTORIES: return RES2NET_FACTORIES[arch]
-        if arch.startswith(('res2net', 'res2next')): variant_row(arch)  # raises with a close-match suggestion
-    return arch  # a factory, or a timm / torchvision name that vision_learner resolves
-
-def _res2net_factory(arch):
-    "The Res2Net factory `arch` names (a factory or a variant name), for the heads that need a Res2Net"
-    f = _arch(arch)
-    if isinstance(f, str) or not callable(f):
-        raise ValueError(f"arch={arch!r} is not a Res2Net variant: pass a factory such as res2netplus50 or one of the names "
-                         f"{', '.join(RES2NET_FACTORIES)}.")
-    return f
-
-def _build_res2net(arch, **kwargs) -> Res2Net:
-    "`arch(**kwargs)`, refused with the fix unless it builds a `Res2Net` (torchvision's and fastai's factories take other arguments)"
-    f = _res2net_factory(arch)
-    name = getattr(f, '__name__', repr(f))
-    try: model = f(**kwargs)
-    except TypeError as e:
-        if f in RES2NET_FACTORIES.values(): raise
-        raise ValueError(f"arch={name} is not a Res2Net factory ({e}): pass one such as res2netplus50.") from None
-    if not isinstance(model, Res2Net): raise ValueError(f"arch={name} built a {type(model).__name__}, not a Res2Net: pass a factory such as res2netplus50.")
-    return model
 
 def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
     if precision == 'auto': precision = (('bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16') if on_gpu else None)

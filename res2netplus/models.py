@@ -26,7 +26,7 @@ __all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'check_finit
            'res2net50_26w_6s', 'res2net50_26w_8s', 'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d',
            'res2netplus50', 'res2netplus101', 'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s',
            'res2netplus50_26w_6s', 'res2netplus50_26w_8s', 'res2nextplus50', 'Res2NetBody', 'res2net_body',
-           'res2net_split']
+           'res2net_split', 'resolve_arch', 'res2net_factory', 'create_res2net_from_arch']
 
 # %% ../nbs/02_models.ipynb #0c4457ea
 def _norm_act(nf:int, act_cls, bn_1st:bool):
@@ -344,3 +344,31 @@ default_cfgs = {name: _cfg(name) for name in RES2NET_VARIANTS if 'plus' in name}
 with warnings.catch_warnings():  # re-importing (autoreload) re-registers our own names
     warnings.simplefilter('ignore')
     for _name in default_cfgs: register_model(RES2NET_FACTORIES[_name])
+
+# %% ../nbs/02_models.ipynb #be5161ad
+def resolve_arch(arch):
+    "The factory of the variant `arch` names; a factory or a timm/torchvision name as it is (a misspelt variant raises)"
+    if isinstance(arch, str):
+        if arch in RES2NET_FACTORIES: return RES2NET_FACTORIES[arch]
+        if arch.startswith(('res2net', 'res2next')): variant_row(arch)  # raises with a close-match suggestion
+    return arch  # a factory, or a timm / torchvision name that vision_learner resolves
+
+def res2net_factory(arch):
+    "The Res2Net factory `arch` names (a factory or a variant name), for the heads that need a Res2Net"
+    f = resolve_arch(arch)
+    if isinstance(f, str) or not callable(f):
+        raise ValueError(f"arch={arch!r} is not a Res2Net variant: pass a factory such as res2netplus50 or one of the "
+                         f"names {', '.join(RES2NET_FACTORIES)}.")
+    return f
+
+def create_res2net_from_arch(arch, **kwargs) -> Res2Net:
+    "`arch` (a variant name or a factory) called with `kwargs`; refused with the fix unless it builds a `Res2Net`"
+    f = res2net_factory(arch)
+    name = getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', repr(f))  # a partial: its function
+    try: model = f(**kwargs)
+    except TypeError as e:  # torchvision's and fastai's factories take other arguments
+        if f in RES2NET_FACTORIES.values(): raise
+        raise ValueError(f"arch={name} is not a Res2Net factory ({e}): pass one such as res2netplus50.") from None
+    if not isinstance(model, Res2Net):
+        raise ValueError(f"arch={name} built a {type(model).__name__}, not a Res2Net: pass a factory such as res2netplus50.")
+    return model

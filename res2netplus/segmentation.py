@@ -20,7 +20,9 @@ from fastai.data.transforms import get_c
 from fastai.vision.learner import create_body, model_meta, _add_norm, _default_meta
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
-from .learner import RECIPE, _arch, _res2net_factory, _build_res2net, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
+from .models import (resolve_arch as _arch, res2net_factory as _res2net_factory,
+                                create_res2net_from_arch as _build_res2net)
+from .learner import RECIPE, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
 from .distributed import ProcessShare
 
 # %% auto #0
