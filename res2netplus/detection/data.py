@@ -287,6 +287,7 @@ def coco_dataloaders(images_dir, ann_json, valid_images=None, valid_json=None, m
     dls.cat_ids = cat_ids
     return dls
 
+# %% ../../nbs/07a_detection.data.ipynb #024bf34f
 def _voc_split(root:Path, records:list):
     "The train and validation indices of ImageSets/Main/{train,val}.txt, or None when the lists are absent"
     sets = root/'ImageSets'/'Main'

@@ -35,6 +35,22 @@ def _rle(masks:torch.Tensor) -> list:
 
 def _xywh(b:list) -> list: return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
 
+def _merge_shares(parts:list) -> tuple:
+    "The (images, gts, dets) of every process's share, renumbered, each image once (`key`: its dataset id)"
+    images, gts, dets, seen = [], [], [], set()
+    for share_images, share_gts, share_dets in parts:
+        ids = {}
+        for im in share_images:
+            if im['key'] is not None:
+                if im['key'] in seen: continue
+                seen.add(im['key'])
+            ids[im['id']] = len(images) + 1
+            images.append({**im, 'id': ids[im['id']]})
+        for g in share_gts:
+            if g['image_id'] in ids: gts.append({**g, 'id': len(gts) + 1, 'image_id': ids[g['image_id']]})
+        dets += [{**d, 'image_id': ids[d['image_id']]} for d in share_dets if d['image_id'] in ids]
+    return images, gts, dets
+
 def _no_detection_stats(gts:list) -> dict:
     "COCO's statistics when nothing was detected: 0 where an object of that size exists, NaN where none does"
     areas = [g['area'] for g in gts if not g['iscrowd']]
@@ -103,18 +119,7 @@ class COCOAccumulator:
         parts = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(parts, (self.images, self.gts, self.dets))
         self.reset()
-        seen = set()
-        for images, gts, dets in parts:
-            ids = {}
-            for im in images:
-                if im['key'] is not None:
-                    if im['key'] in seen: continue
-                    seen.add(im['key'])
-                ids[im['id']] = len(self.images) + 1
-                self.images.append({**im, 'id': ids[im['id']]})
-            for g in gts:
-                if g['image_id'] in ids: self.gts.append({**g, 'id': len(self.gts) + 1, 'image_id': ids[g['image_id']]})
-            self.dets += [{**d, 'image_id': ids[d['image_id']]} for d in dets if d['image_id'] in ids]
+        self.images, self.gts, self.dets = _merge_shares(parts)
 
 # %% ../../nbs/07h_detection.evaluate.ipynb #6cd05cf9
 def coco_evaluate(preds:list, targets:list, iou_types=None) -> dict:
