@@ -37,7 +37,7 @@ def _defines_anything(path: Path) -> bool:
 
 def _module_file(name: str) -> Path:
     p = ROOT.joinpath(*name.split('.'))
-    return p/'__init__.py' if p.is_dir() else p.with_suffix('.py')
+    return p.with_suffix('.py') if p.with_suffix('.py').exists() else p/'__init__.py'  # res2netplus/data/ holds data
 
 
 def api_page(name: str) -> str:

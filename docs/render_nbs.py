@@ -26,7 +26,8 @@ SECTIONS = {'how-it-works': ('How it works', 'One page per module notebook, exec
 
 def find_notebooks() -> list[Path]:
     "The notebooks nbdev-test runs: `nbs/**/*.ipynb`, leaving out names starting with `_` or `.`"
-    return sorted(p for p in NBS.rglob('*.ipynb') if not any(s.startswith(('_', '.')) for s in p.relative_to(NBS).parts))
+    def skipped(p: Path) -> bool: return any(s.startswith(('_', '.')) for s in p.relative_to(NBS).parts)
+    return sorted(p for p in NBS.rglob('*.ipynb') if not skipped(p))
 
 
 def page_path(nb: Path) -> Path:
@@ -83,7 +84,8 @@ def execute_all(nbs: list[Path], workers: int) -> dict[Path, dict]:
         cached = CACHE/nb.relative_to(NBS).with_suffix('.json')
         if cached.exists() and (c := json.loads(cached.read_text())).get('key') == cache_key(nb): results[nb] = c
         else: todo.append(nb)
-    print(f'docs: {len(nbs) - len(todo)} notebook(s) cached, executing {len(todo)} with {workers} worker(s)', flush=True)
+    print(f'docs: {len(nbs) - len(todo)} notebook(s) cached, executing {len(todo)} with {workers} worker(s)',
+          flush=True)
     failed = []
     with ProcessPoolExecutor(workers, max_tasks_per_child=1) as pool:
         for nb, res in zip(todo, pool.map(execute, map(str, todo))):
@@ -91,13 +93,16 @@ def execute_all(nbs: list[Path], workers: int) -> dict[Path, dict]:
                 failed.append(nb)
                 print(f'docs: {nb.relative_to(ROOT)} failed:\n{res["error"]}', file=sys.stderr, flush=True)
                 continue
-            print(f'docs: executed {nb.relative_to(ROOT)} in {res["seconds"]:.0f} s (slowest: {res["slowest"]})', flush=True)
+            print(f'docs: executed {nb.relative_to(ROOT)} in {res["seconds"]:.0f} s (slowest: {res["slowest"]})',
+                  flush=True)
             res['key'] = cache_key(nb)
             cached = CACHE/nb.relative_to(NBS).with_suffix('.json')
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(res))
             results[nb] = res
-    if failed: sys.exit(f'docs: {len(failed)} notebook(s) failed: ' + ', '.join(str(f.relative_to(ROOT)) for f in failed))
+    if failed:
+        names = ', '.join(str(f.relative_to(ROOT)) for f in failed)
+        sys.exit(f'docs: {len(failed)} notebook(s) failed: {names} (tracebacks above; `nbdev-test PATH` reruns one)')
     return results
 
 
@@ -146,7 +151,7 @@ def render_outputs(outputs: list, files_dir: Path, stem: str, idx: int) -> list[
             parts.append(f'![output]({files_dir.name}/{name})')
         elif 'text/html' in data:
             html = ''.join(data['text/html']).strip()
-            html = re.sub(r'<style[^>]*>.*?</style>', '', html, flags=re.S)  # fastprogress's page-wide styles
+            html = re.sub(r'<style[^>]*>.*?</style>', '', html, flags=re.DOTALL)  # fastprogress's page-wide styles
             if html: parts.append(f'<div class="nb-html">\n{html}\n</div>')
         elif 'text/markdown' in data: parts.append(''.join(data['text/markdown']))
         elif 'text/plain' in data: parts.append(fence(shorten(ANSI.sub('', ''.join(data['text/plain']))), 'text'))
@@ -160,7 +165,8 @@ def render_outputs(outputs: list, files_dir: Path, stem: str, idx: int) -> list[
 def render_math(md: str) -> str:
     "`$$…$$` as MathML, which browsers draw without scripts"
     from latex2mathml.converter import convert
-    return re.sub(r'\$\$(.+?)\$\$', lambda m: '\n\n' + convert(m.group(1).strip(), display='block') + '\n\n', md, flags=re.S)
+    def mathml(m): return '\n\n' + convert(m.group(1).strip(), display='block') + '\n\n'
+    return re.sub(r'\$\$(.+?)\$\$', mathml, md, flags=re.DOTALL)
 
 
 def rewrite_links(md: str, nb: Path) -> str:
@@ -179,6 +185,16 @@ def rewrite_links(md: str, nb: Path) -> str:
         else: return m.group(0)
         return f'{m.group(1)}({rel}{"#" + anchor if anchor else ""})'
     return re.sub(r'(\]\s*)\(([^)\s]+)\)', fix, md)
+
+
+def defined_names(source: str) -> list[str]:
+    "The public functions, classes and constants an exported cell defines, for its folded block's title"
+    import ast
+    try: tree = ast.parse(source)
+    except SyntaxError: return []
+    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]
+    return [n for n in names if not n.startswith('_')][:6]
 
 
 def render_page(nb: Path, cells: list[dict]) -> str:
@@ -201,15 +217,18 @@ def render_page(nb: Path, cells: list[dict]) -> str:
                 target = next((d[k].strip() for k in exported if d[k].strip()), '') or module
                 target = target if target.startswith('res2netplus') else 'res2netplus.' + target
                 mark = '???+' if 'exports' in d else '???'
-                code.append(f'{mark} abstract "Source, exported to `{target}`"\n\n'
+                names = ', '.join(f'`{n}`' for n in defined_names(source)) or 'Code'
+                code.append(f'{mark} abstract "{names}, exported to `{target}`"\n\n'
                             + '\n'.join('    ' + line if line else '' for line in fence(source, 'python').splitlines()))
             else: code.append(fence(source, 'python'))
-        outs = [] if str(d.get('output', '')).strip() == 'false' else render_outputs(cell['outputs'], files_dir, page.stem, idx)
+        shown = str(d.get('output', '')).strip() != 'false'
+        outs = render_outputs(cell['outputs'], files_dir, page.stem, idx) if shown else []
         if outs: code.append('<div class="nb-output" markdown>\n\n' + '\n\n'.join(outs) + '\n\n</div>')
         blocks.extend(code)
     source = nb.relative_to(ROOT).as_posix()
-    head = f'<!-- generated from {source} by docs/render_nbs.py: edit the notebook -->\n'
-    return head + '\n\n'.join(blocks) + f'\n\n<p class="nb-source">Source: <a href="{REPO_URL}{source}">{source}</a></p>\n'
+    foot = (f'<p class="nb-source">Source: <a href="{REPO_URL}{source}">{source}</a></p>\n\n'
+            f'<!-- generated from {source} by docs/render_nbs.py: edit the notebook -->')  # after the title: MkDocs
+    return '\n\n'.join(blocks) + '\n\n' + foot + '\n'                                  # takes a leading H1 only
 
 
 def title_and_summary(cells: list[dict]) -> tuple[str, str]:
@@ -241,7 +260,8 @@ def main():
         page, cells = page_path(nb), results[nb]['cells']
         (OUT/page).parent.mkdir(parents=True, exist_ok=True)
         (OUT/page).write_text(render_page(nb, cells))
-        if page.parent != Path('.'): sections.setdefault(page.parent.as_posix(), []).append((page, *title_and_summary(cells)))
+        if page.parent != Path('.'):
+            sections.setdefault(page.parent.as_posix(), []).append((page, *title_and_summary(cells)))
     for folder, pages in sections.items(): (OUT/folder/'index.md').write_text(section_index(folder, pages))
     print(f'docs: {len(nbs)} notebook pages in {OUT.relative_to(ROOT)} ({time.time() - start:.0f} s)')
 
