@@ -43,6 +43,7 @@ def execute(nb_path: str) -> dict:
     "Run the cells of `nb_path` that nbdev-test runs; the cells with their outputs, or the error's traceback"
     import warnings
     warnings.filterwarnings('ignore', category=FutureWarning)  # fastai's torch.jit warning, on every import
+    warnings.filterwarnings('ignore', message='load_learner` uses')  # fastai's pickle warning: the pages say it
     from execnb.shell import CaptureShell
     from fastcore.xtras import working_directory
     from nbdev.config import get_config
@@ -110,6 +111,8 @@ def execute_all(nbs: list[Path], workers: int) -> dict[Path, dict]:
 
 ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 DIRECTIVE = re.compile(r'^\s*#\s*\|')
+# Python's warnings on stderr: "file.py:N: SomeWarning: message" (maybe several lines), then "  source line"
+WARNING = re.compile(r'^\S+\.py:\d+: \w*Warning: .*?\n  .*?(?:\n|$)', re.MULTILINE | re.DOTALL)
 
 
 def strip_directives(source: str) -> str:
@@ -156,7 +159,7 @@ def render_outputs(outputs: list, files_dir: Path, stem: str, idx: int) -> list[
         elif 'text/markdown' in data: parts.append(''.join(data['text/markdown']))
         elif 'text/plain' in data: parts.append(fence(shorten(ANSI.sub('', ''.join(data['text/plain']))), 'text'))
     for text in streams.values():
-        text = ANSI.sub('', ''.join(text))
+        text = WARNING.sub('', ANSI.sub('', ''.join(text)))
         text = re.sub(r'[^\n]*\r(?!\n)', '', text)  # progress lines rewritten in place: keep the last state
         if text.strip(): parts.insert(0, fence(shorten(text), 'text'))
     return parts
