@@ -69,7 +69,7 @@ class Runner:
     "One model prepared for one kind of measurement; `step()` runs it once"
     def __init__(self, name, kind, bs, size, device, channels_last, amp):
         import torch
-        from res2netplus.layers import fast_path
+        from res2netplus.fast import fast_path
         from res2netplus.deploy import fuse_for_inference
         self.name, self.device, self.amp = name, device, amp
         model, self.path = build(name)
