@@ -2,10 +2,12 @@
 torchvision's resnet50, in one interleaved run. Every figure is also given as a ratio against resnet50 from the same
 round, so that load on the machine affects all models alike; medians with min–max over the rounds.
 
-    python benchmarks/speed.py                       # CPU: inference (batch 8, and batch 1: latency), training (NCHW and channels_last),
-                                                     # memory, torch.compile (~45 min on 2 idle cores)
+    python benchmarks/speed.py                       # CPU: inference (batch 8, and batch 1: latency), training
+                                                     # (NCHW and channels_last), memory, torch.compile
+                                                     # (~45 min on 2 idle cores)
     python benchmarks/speed.py --quick               # smoke run: small sizes, 2 rounds, no compile (< 2 min)
-    python benchmarks/speed.py --only train memory   # some sections: infer, latency, train, memory, compile, train_compiled
+    python benchmarks/speed.py --only train memory   # some sections: infer, latency, train, memory, compile,
+                                                     # train_compiled
     python benchmarks/speed.py --device cuda         # GPU: AMP (bf16, else fp16), channels_last, bigger batches, img/s,
                                                      # and compiled training steps (train_compiled)
 
@@ -32,7 +34,8 @@ TRAIN_MODELS = ['resnet50', 'res2netplus50', 'res2netplus50 (reference)', 'res2n
                 'xresnet50 Mish']
 GPU_TRAIN_MODELS = TRAIN_MODELS + ['res2netplus50 (no conv bias)']
 INFER_MODELS = TRAIN_MODELS + ['res2netplus50 (deploy)']
-LATENCY_MODELS = ['resnet50', 'res2netplus50', 'res2netplus50 (reference)', 'res2netplus50 (deploy)', 'res2net50d (timm)']
+LATENCY_MODELS = ['resnet50', 'res2netplus50', 'res2netplus50 (reference)', 'res2netplus50 (deploy)',
+                  'res2net50d (timm)']
 
 def build(name):
     "Model `name` (random init, 1000 classes) and the fast path it runs on"
@@ -56,10 +59,12 @@ def settings(args):
     import torch
     cuda = args.device == 'cuda'
     amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-    if args.quick: return dict(infer=(2, 64), latency=[(1, 64)], train=[(2, 64)], memory=(2, 64), rounds=2, iters=1, amp=amp)
-    if cuda: return dict(infer=(256, 224), latency=[(1, 224), (16, 224)], train=[(128, 224), (256, 128)], memory=(128, 224),
-                         rounds=args.rounds, iters=10, amp=amp)
-    return dict(infer=(8, 224), latency=[(1, 224)], train=[(8, 224), (32, 128)], memory=(8, 224), rounds=args.rounds, iters=3, amp=None)
+    if args.quick:
+        return dict(infer=(2, 64), latency=[(1, 64)], train=[(2, 64)], memory=(2, 64), rounds=2, iters=1, amp=amp)
+    if cuda: return dict(infer=(256, 224), latency=[(1, 224), (16, 224)], train=[(128, 224), (256, 128)],
+                         memory=(128, 224), rounds=args.rounds, iters=10, amp=amp)
+    return dict(infer=(8, 224), latency=[(1, 224)], train=[(8, 224), (32, 128)], memory=(8, 224), rounds=args.rounds,
+                iters=3, amp=None)
 
 def sync(device):
     import torch
@@ -69,7 +74,7 @@ class Runner:
     "One model prepared for one kind of measurement; `step()` runs it once"
     def __init__(self, name, kind, bs, size, device, channels_last, amp):
         import torch
-        from res2netplus.layers import fast_path
+        from res2netplus.fast import fast_path
         from res2netplus.deploy import fuse_for_inference
         self.name, self.device, self.amp = name, device, amp
         model, self.path = build(name)
@@ -136,7 +141,8 @@ def fmt_ms(s): return f"{s['ms']:.0f} ({s['ms_min']:.0f}–{s['ms_max']:.0f})"
 
 def table(title, columns, results, models, img_s=False):
     "Markdown table: one row per model, for each column the ratio vs resnet50 first, then ms (and img/s)"
-    head = ['model'] + [f'{c} ratio' for c in columns] + [f"{c} {'MB' if 'memory' in c else 'ms'}" for c in columns] + ([f'{c} img/s' for c in columns] if img_s else [])
+    head = (['model'] + [f'{c} ratio' for c in columns] + [f"{c} {'MB' if 'memory' in c else 'ms'}" for c in columns]
+            + ([f'{c} img/s' for c in columns] if img_s else []))
     lines = [f'\n### {title}\n', '| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
     for m in models:
         cells = [m]
@@ -177,7 +183,8 @@ def run_train(args, cfg):
             res[col] = summarize(times, bs)
             if f'{BASE} NCHW' in times:
                 for m, s in res[col].items():
-                    s[f'ratio vs {BASE} NCHW'] = statistics.median(t / b for t, b in zip(times[m], times[f'{BASE} NCHW']))
+                    base = times[f'{BASE} NCHW']
+                    s[f'ratio vs {BASE} NCHW'] = statistics.median(t / b for t, b in zip(times[m], base))
             del runners
     return res
 
@@ -243,13 +250,14 @@ def run_memory(args, cfg):
         res[col] = {}
         for m, ps in peaks[k].items():
             ratios = [p / b for p, b in zip(ps, peaks[k][BASE])]
-            res[col][m] = dict(ms=statistics.median(ps), ms_min=min(ps), ms_max=max(ps), ratio=statistics.median(ratios),
-                               ratio_min=min(ratios), ratio_max=max(ratios), img_s=float('nan'))
+            res[col][m] = dict(ms=statistics.median(ps), ms_min=min(ps), ms_max=max(ps),
+                               ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                               img_s=float('nan'))
     return res
 
 def run_compile(args, cfg):
-    """torch.compile (inductor, with `freezing`: weights are constants, as a deployed model's are) of the inference models,
-    channels_last, their graph breaks, and every figure also against eager resnet50 (NCHW and channels_last)"""
+    """torch.compile (inductor, with `freezing`: weights are constants, as a deployed model's are) of the inference
+    models, channels_last, their graph breaks, and every figure also against eager resnet50 (NCHW and channels_last)"""
     import torch
     bs, size = cfg['infer']
     col = f'compiled infer b{bs}@{size} channels_last'
@@ -276,7 +284,8 @@ def run_compile(args, cfg):
     return {col: res}
 
 def run_train_compiled(args, cfg):
-    "torch.compile (inductor) of whole training steps' models, as a GPU user would train; ratios against compiled resnet50"
+    """torch.compile (inductor) of whole training steps' models, as a GPU user would train; ratios against compiled
+    resnet50"""
     import torch
     bs, size = cfg['train'][0]
     cl = args.device == 'cuda'
@@ -291,7 +300,8 @@ def run_train_compiled(args, cfg):
     return {col: summarize(interleaved(runners, cfg['rounds'], cfg['iters'], warmup=2), bs)}
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     p.add_argument('--quick', action='store_true', help='small sizes, 2 rounds, no compile: a smoke run')
     p.add_argument('--only', nargs='+', choices=['infer', 'latency', 'train', 'memory', 'compile', 'train_compiled'])
@@ -311,10 +321,12 @@ def main():
     start = time.time()
     results = {}
     for s in sections: results.update(globals()[f'run_{s}'](args, cfg))
-    dev = torch.cuda.get_device_name() if args.device == 'cuda' else f'{platform.processor() or platform.machine()}, {args.threads} threads'
+    cpu = f'{platform.processor() or platform.machine()}, {args.threads} threads'
+    dev = torch.cuda.get_device_name() if args.device == 'cuda' else cpu
+    precision = 'AMP ' + str(cfg['amp']).split('.')[-1] if cfg['amp'] else 'float32'
     print(f"# Speed and memory vs torchvision resnet50 (ratios: lower is better)\n\n{dev}; torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, timm {timm.__version__}, fastai {fastai.__version__}; "
-          f"{'AMP ' + str(cfg['amp']).split('.')[-1] if cfg['amp'] else 'float32'}; {cfg['rounds']} interleaved rounds; "
+          f"{precision}; {cfg['rounds']} interleaved rounds; "
           f"{time.time() - start:.0f} s; command: python benchmarks/speed.py {' '.join(sys.argv[1:])}")
     img_s = args.device == 'cuda'
     for title, pick in (('Inference (eval)', 'infer b'), ('Training step (forward + backward + SGD)', 'train b'),
@@ -333,14 +345,17 @@ def main():
                 compiled = {m: s for m, s in results[c].items() if 'graph_breaks' in s}
                 print('\ngraph breaks: ' + ', '.join(f"{m} {s['graph_breaks']}" for m, s in compiled.items()))
                 for e in ('NCHW', 'channels_last'):
-                    print(f'compiled, against eager resnet50 {e}: ' + ', '.join(f"{m} {s[f'ratio vs resnet50 eager {e}']:.2f}×" for m, s in compiled.items()))
+                    ratios = ', '.join(f"{m} {s[f'ratio vs resnet50 eager {e}']:.2f}×" for m, s in compiled.items())
+                    print(f'compiled, against eager resnet50 {e}: ' + ratios)
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
     path = out/f"speed-{args.device}{'-quick' if args.quick else ''}.json"
     command = f"python benchmarks/speed.py {' '.join(sys.argv[1:])}".strip()
-    saved = json.loads(path.read_text()) if args.only and path.exists() else {}  # --only: replace those sections, keep the rest
+    # --only: replace those sections, keep the rest
+    saved = json.loads(path.read_text()) if args.only and path.exists() else {}
     if saved.get('device') != dev: saved = {}
     merged = {**saved.get('results', {}), **results}
-    sources = {**saved.get('sources', {}), **{col: dict(command=command, date=time.strftime('%Y-%m-%d')) for col in results}}
+    ran = {col: dict(command=command, date=time.strftime('%Y-%m-%d')) for col in results}
+    sources = {**saved.get('sources', {}), **ran}
     path.write_text(json.dumps(dict(device=dev, torch=torch.__version__, results=merged, sources=sources), indent=1))
 
 if __name__ == '__main__': main()

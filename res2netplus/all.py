@@ -1,6 +1,7 @@
 "Everything a user needs: `from res2netplus.all import *` (hand-written, like `fastai.vision.all`)"
 from fastai.vision.all import *
 from res2netplus.layers import *
+from res2netplus.fast import *
 from res2netplus.weights import *
 from res2netplus.models import *
 from res2netplus.data import *

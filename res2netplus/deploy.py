@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from .layers import Bottle2neck, _is_plain
+from .layers import Bottle2neck
+from .fast.blocks import FastBottle2neck
+from .fast.dispatch import _is_plain
 from .models import Res2Net, CheckedSequential
 
 # %% auto #0
@@ -101,6 +103,8 @@ def _fold_block(b:Bottle2neck, target) -> int:
     if _foldable(b.bn3) and target(b.conv3, nn.Conv2d): fold_bn_into_conv(b.conv3, b.bn3); b.bn3 = _folded(b.bn3); n += 1
     return n
 
+_BLOCK_FORWARDS = (Bottle2neck.forward, FastBottle2neck.forward)
+
 def fold_batchnorms(model:nn.Module) -> int:
     "Fold, in place, every BatchNorm of `model` that folds exactly into a neighbouring conv or linear layer"
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -108,7 +112,8 @@ def fold_batchnorms(model:nn.Module) -> int:
     target = lambda layer, cls: _plain(layer, cls) and uses[id(layer)] == 1
     n = 0
     for m in list(model.modules()):
-        if isinstance(m, Bottle2neck) and type(m).forward is Bottle2neck.forward: n += _fold_block(m, target)
+        # a block that computes what Bottle2neck does (a subclass with a forward of its own may not)
+        if isinstance(m, Bottle2neck) and type(m).forward in _BLOCK_FORWARDS: n += _fold_block(m, target)
         # children run one after the other: a plain nn.Sequential's, or a Res2Net's or its body's (which check their input first)
         if isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward, CheckedSequential.forward, Res2Net.forward): n += _fold_sequential(m, target)
     return n

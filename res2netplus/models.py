@@ -17,7 +17,8 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import model_meta
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
-from .layers import res2net_stage, ConvActNorm, MaxPool2d
+from .layers import Bottle2neck, res2net_stage
+from .fast.blocks import FastBottle2neck, ConvActNorm, MaxPool2d
 from .weights import load_weights, read_weights, fetch_imagenet_weights
 
 # %% auto #0
@@ -33,13 +34,17 @@ def _norm_act(nf:int, act_cls, bn_1st:bool):
     layers = [nn.BatchNorm2d(nf), act_cls()]
     return layers if bn_1st else layers[::-1]
 
-def res2net_stem(stem_type:str='', in_chans:int=3, stem_szs=(32, 32, 64), act_cls=nn.ReLU, bn_1st:bool=True) -> list:
-    "Named stem layers: 7×7 conv (`''`), timm's deep stem (`'deep'`) or three fastai `ConvLayer`s (`'xresnet'`)"
+def res2net_stem(stem_type:str='', in_chans:int=3, stem_szs=(32, 32, 64), act_cls=nn.ReLU, bn_1st:bool=True,
+                 fast:bool=True) -> list:
+    """Named stem layers: 7×7 conv (`''`), timm's deep stem (`'deep'`) or three fastai `ConvLayer`s (`'xresnet'`; with
+    `fast`, their fused forms `ConvActNorm` and `MaxPool2d`, same layers and keys)"""
     bias = not bn_1st
     if stem_type == 'xresnet':
         szs = [in_chans, *stem_szs]
-        return [(f'stem{i+1}', ConvActNorm(szs[i], szs[i+1], 3, stride=2 if i == 0 else 1, bias=bias,
-                                           act_cls=act_cls, bn_1st=bn_1st)) for i in range(3)] + [('maxpool', MaxPool2d(3, 2, 1))]
+        conv_layer, max_pool = (ConvActNorm, MaxPool2d) if fast else (ConvLayer, nn.MaxPool2d)
+        convs = [(f'stem{i+1}', conv_layer(szs[i], szs[i+1], 3, stride=2 if i == 0 else 1, bias=bias, act_cls=act_cls,
+                                           bn_1st=bn_1st)) for i in range(3)]
+        return convs + [('maxpool', max_pool(3, 2, 1))]
     if stem_type == 'deep':
         c1, c2, c3 = stem_szs
         conv1 = nn.Sequential(nn.Conv2d(in_chans, c1, 3, 2, 1, bias=bias), *_norm_act(c1, act_cls, bn_1st),
@@ -113,8 +118,10 @@ class Res2Net(CheckedSequential):
     def __init__(self, layers=(3, 4, 6, 3), base_width:int=26, scale:int=4, cardinality:int=1, stem_type:str='',
                  stem_szs=(32, 32, 64), avg_down:bool=False, act_cls=nn.ReLU, bn_1st:bool=True, in_chans:int=3,
                  num_classes:int=1000, drop_rate:float=0., drop_path_rate:float=0., global_pool:str='avg',
-                 zero_init_last:bool=True, output_stride:int=32, check_finite:bool=False):
-        "`check_finite`: refuse input batches holding NaN or Inf (a full pass over each batch, so off by default)"
+                 zero_init_last:bool=True, output_stride:int=32, check_finite:bool=False, fast:bool=True):
+        """`check_finite`: refuse input batches holding NaN or Inf (a full pass over each batch, so off by default).
+        `fast`: build the stem and blocks from `res2netplus.fast`'s modules (same weights and outputs, fused kernels);
+        `fast=False` gives the plain `Bottle2neck`s of `res2netplus.layers`"""
         layers = _check_positive_ints('layers (blocks per stage)', layers, 4)
         stem_szs = _check_positive_ints('stem_szs', stem_szs, 3)
         _check_positive_ints('in_chans', [in_chans])
@@ -123,7 +130,8 @@ class Res2Net(CheckedSequential):
             if not 0 <= p < 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}.")
         if output_stride not in (8, 16, 32): raise ValueError(f"output_stride must be 8, 16 or 32 (32: no dilation), got {output_stride!r}.")
         pool, flatten = _pooling(global_pool, num_classes)
-        stem = res2net_stem(stem_type, in_chans, stem_szs, act_cls, bn_1st)
+        stem = res2net_stem(stem_type, in_chans, stem_szs, act_cls, bn_1st, fast)
+        block = FastBottle2neck if fast else Bottle2neck
         n_blocks = sum(layers)
         dprs = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         stages, inplanes, start, net_stride, dilation = [], stem_szs[-1], 0, 4, 1
@@ -134,7 +142,7 @@ class Res2Net(CheckedSequential):
             net_stride *= stride
             stages.append((f'layer{i+1}', res2net_stage(inplanes, planes, n, stride=stride, avg_down=avg_down, dilation=dilation,
                 first_dilation=first_dilation, drop_path_rates=dprs[start:start+n], base_width=base_width, scale=scale,
-                cardinality=cardinality, act_cls=act_cls, bn_1st=bn_1st)))
+                cardinality=cardinality, act_cls=act_cls, bn_1st=bn_1st, block=block)))
             inplanes, start = planes * 4, start + n
             feature_info.append(dict(num_chs=inplanes, reduction=net_stride, module=f'layer{i+1}'))
         head = [('global_pool', pool), ('flatten', flatten), ('head_drop', nn.Dropout(drop_rate)),

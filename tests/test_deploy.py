@@ -31,15 +31,15 @@ def test_fused_equals_original(factory):
 
 def test_every_mish_runs_inside_a_fused_kernel(plus, monkeypatch):
     "On a CPU the deployment form runs no Mish module on its own: each sits in a fused Mish + scale/shift (+ residual) kernel"
-    from res2netplus import layers
+    from res2netplus.fast import kernels
     f = fuse_for_inference(plus)
     assert not any(m.training for m in f.modules())  # the Identities left by folding were once in training mode, and
     calls = []                                        # sent 32 Mish calls a forward down the slow unfused path
     monkeypatch.setattr(nn.Mish, 'forward', lambda self, x: calls.append(tuple(x.shape)) or torch.nn.functional.mish(x))
-    with torch.no_grad(), layers.fast_path('compiled'): f(torch.randn(2, 3, 64, 64))
-    if layers._fast['failed'] is not None: pytest.skip(f"this machine cannot compile the fused kernels: {layers._fast['failed']}")
+    with torch.no_grad(), kernels.fast_path('compiled'): f(torch.randn(2, 3, 64, 64))
+    if kernels._fast['failed'] is not None: pytest.skip(f"this machine cannot compile the fused kernels: {kernels._fast['failed']}")
     assert calls == []
-    with torch.no_grad(), layers.fast_path('reference'): f(torch.randn(2, 3, 64, 64))
+    with torch.no_grad(), kernels.fast_path('reference'): f(torch.randn(2, 3, 64, 64))
     assert len(calls) == 3 + 16 * 5  # the reference path: the stem's three, and five a block
 
 def test_fold_into_next_is_exact_for_1x1_and_refuses_padding():
