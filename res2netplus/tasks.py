@@ -4,26 +4,22 @@
 
 # %% ../nbs/09b_tasks.ipynb #bf0b330a
 from __future__ import annotations
-import math
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from fastai.vision.all import (ImageDataLoaders, DataBlock, ImageBlock, MaskBlock, RandomSplitter, FuncSplitter, Resize,
                                Normalize)
-from .models import Res2Net, variant_row
+from .models import Res2Net, variant_row, res2net_factory
 from .augment import AlbumentationsTransform, res2netplus_augs, mix_callback
 from .data import (check_image_folder, check_image_csv, check_segmentation_folder, read_valid_stems,
                               image_files, MaskFromImage, fashion_mnist_sample, make_shapes, default_cache_dir)
-from .learner import res2netplus_learner, _res2net_factory
+from .learner import res2netplus_learner
 from .segmentation import res2netplus_seg_learner, SEG_HEADS, check_compilable
-from .detection import (DETECTORS, DETECTION_SHAPES, detector_factory, detection_dataloaders_from_folder,
-                                   make_detection_shapes, res2netplus_det_learner, coco_evaluate)
-from .runs import RunTask, run_task, one_cycle_fit
+from .detection.train import DETECT, INSTANCE, train_detection
+from .runs import RunTask, one_cycle_fit
 from .plots import classification_plots, segmentation_plots, save_figure
 
 # %% auto #0
-__all__ = ['CLASSIFY', 'SHAPES', 'SEGMENT', 'DETECT', 'INSTANCE', 'RUN_TASKS', 'image_dataloaders', 'run_config',
-           'segmentation_dataloaders', 'train_detection']
+__all__ = ['CLASSIFY', 'SHAPES', 'SEGMENT', 'RUN_TASKS', 'image_dataloaders', 'run_config', 'segmentation_dataloaders']
 
 # %% ../nbs/09b_tasks.ipynb #ab52d6b9
 def _loader_kw(s) -> dict:
@@ -125,58 +121,5 @@ SEGMENT = RunTask(
     model_keys=('layers', 'body', 'head'),  # DynamicUnet's layers, the other heads' body and head
     model_flags=('arch', 'head', 'output_stride'))
 
-# %% ../nbs/09b_tasks.ipynb #597edd04
-def _check_detection(s):
-    detector_factory(s.task, s.detector); _res2net_factory(s.arch)
-    if not (isinstance(s.size, int) and s.size >= 32):
-        raise ValueError(f"--size {s.size!r}: pass the shorter image side in pixels, at least 32.")
-
-def _detection_shapes(s) -> Path:
-    cache = default_cache_dir()/'detection_shapes_{n_images}_{size}'.format(**DETECTION_SHAPES)
-    return Path(s.data).expanduser() if s.data else make_detection_shapes(cache, **DETECTION_SHAPES)
-
-def _detection_dataloaders(path:Path, s) -> tuple:
-    dls = detection_dataloaders_from_folder(path, masks=s.task == 'instance', bs=s.bs, seed=s.seed,
-                                            valid_pct=s.valid_pct, augs=s.augs,
-                                            num_workers=0 if s.workers is None else s.workers)
-    return dls, list(dls.train.dataset.classes)[1:]  # class 0 is the background
-
-def _detection_learner(dls, s, **kw):
-    return res2netplus_det_learner(dls, s.arch, s.task, pretrained=s.pretrained, weights=s.weights, min_size=s.size,
-                                   max_size=round(s.size * 1333 / 800), detector=s.detector, **kw, **s.model_kwargs)
-
 # %% ../nbs/09b_tasks.ipynb #33a4e66b
-def _coco_stats(stats:dict) -> dict:
-    return {k: None if v is None or math.isnan(v) else round(float(v), 5) for k, v in stats.items()}
-
-def _detection_summary(learn, s, classes, m) -> dict:
-    "The COCO statistics of the validation images: box, and for instance segmentation mask"
-    preds, targets = learn.get_preds()
-    coco = coco_evaluate(preds, targets, ('bbox', 'segm') if s.task == 'instance' else ('bbox',))
-    return dict(detector=s.detector, arch=s.arch, classes=classes, box=_coco_stats(coco['bbox']),
-                **({'mask': _coco_stats(coco['segm'])} if 'segm' in coco else {}),
-                n_train=len(learn.dls.train_ds), n_valid=len(learn.dls.valid_ds))
-
-def _detection_plots(learn, out:Path, classes:list):
-    save_figure(learn.show_results(max_n=min(4, len(learn.dls.valid_ds))), out/'predictions.png')
-
-DETECT = RunTask('detect', check=_check_detection, data=_detection_shapes, dataloaders=_detection_dataloaders,
-                 learner=_detection_learner, summary=_detection_summary, plots=_detection_plots, fit=one_cycle_fit,
-                 lr=0.02)
-INSTANCE = replace(DETECT, name='instance')
-
 RUN_TASKS = {t.name: t for t in (CLASSIFY, SEGMENT, DETECT, INSTANCE)}
-
-# %% ../nbs/09b_tasks.ipynb #7aca7022
-def train_detection(data=None, out='runs/detection', task:str='detect', arch:str='res2netplus50', size:int=512,
-                    bs:int=4, epochs:int=12, lr:float|None=0.02, pretrained:bool=False, weights=None, seed:int=42,
-                    workers:int|None=None, valid_pct:float=0.2, augs='default', detector:str='rcnn', sync_bn:bool=False,
-                    resume_from:dict|None=None, run_info:dict|None=None, **model_kwargs) -> dict:
-    """Train Faster R-CNN (`task='detect'`) or Mask R-CNN (`'instance'`) on a COCO or VOC folder (none: generated
-    shapes); write the results to `out`. Every epoch is reseeded from `seed` and checkpointed to `out/checkpoint.pth`
-    (with `run_info['args']`, what resumes it); `resume_from`: such a checkpoint (`read_checkpoint`) to continue from"""
-    if task not in DETECTORS: raise ValueError(f"Unknown --task {task!r} for detection: use detect or instance.")
-    settings = dict(data=data, out=out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
-                    weights=weights, seed=seed, workers=workers, valid_pct=valid_pct, augs=augs, detector=detector,
-                    sync_bn=sync_bn, model_kwargs=model_kwargs)
-    return run_task(RUN_TASKS[task], settings, checkpoint=resume_from, args=(run_info or {}).get('args'))

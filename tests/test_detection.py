@@ -369,7 +369,7 @@ split_records coco_dataloaders voc_dataloaders detection_dataloaders_from_folder
 make_detection_shapes _cpu _rle COCOAccumulator coco_evaluate COCOMetric coco_metrics _train_targets loss_mode
 loss_names has_mask_head Detections DetectionLoss LossPart DetectionCallback GatherDetections _to_image
 DetectionLearner detection_sgd detection_splitter detection_learner detector_factory res2netplus_det_learner
-_detection_dl evaluate_detector _json_float train_detection predict_detection
+_detection_dl evaluate_detector train_detection predict_detection
 '''.split()
 
 def test_pickled_paths_of_the_old_modules_resolve():

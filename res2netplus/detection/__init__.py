@@ -28,7 +28,6 @@ from .backbone import _check_backbone_args
 from .rcnn import _TRANSFORM_ARGS, _BACKBONE_ARGS, _rcnn
 from .evaluate import _cpu, _rle, _detection_dl
 from .learner import _train_targets, _to_image
-from .train import _json_float
 
 __all__ = [n for m in (show, augment, data, shapes, backbone, rcnn, cascade, evaluate, learner, train)
            for n in m.__all__]

@@ -5,15 +5,14 @@
 
 # %% ../../nbs/07j_detection.train.ipynb #708c7b3c
 from __future__ import annotations
-import json, math, time
+import math
+from dataclasses import replace
 from pathlib import Path
-from fastai.callback.progress import CSVLogger
 from fastai.learner import load_learner
-from fastai.torch_core import set_seed
 from ..data import default_cache_dir
-from ..learner import StopOnNaN, SaveBestWeights, resumable_cbs
-from ..distributed import is_main_process, main_process_first, rank_distrib, alone
 from ..models import res2net_factory
+from ..runs import RunTask, run_task, one_cycle_fit
+from ..plots import save_figure
 from .data import detection_dataloaders_from_folder
 from .shapes import make_detection_shapes
 from .rcnn import DETECTORS
@@ -21,89 +20,64 @@ from .evaluate import coco_evaluate, _rle
 from .learner import DetectionLearner, detector_factory, res2netplus_det_learner, _to_image
 
 # %% auto #0
-__all__ = ['DETECTION_SHAPES', 'train_detection', 'predict_detection']
+__all__ = ['DETECTION_SHAPES', 'DETECT', 'INSTANCE', 'train_detection', 'predict_detection']
 
 # %% ../../nbs/07j_detection.train.ipynb #63a3ef81
 DETECTION_SHAPES = dict(n_images=64, size=128)  # what `train_detection` trains on without data
 
-def _json_float(v): return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 5)
+def _check_detection(s):
+    detector_factory(s.task, s.detector)
+    res2net_factory(s.arch)
+    if not (isinstance(s.size, int) and s.size >= 32):
+        raise ValueError(f"--size {s.size!r}: pass the shorter image side in pixels, at least 32.")
 
-def _detection_data(data) -> Path:
-    "The data folder, or the generated shapes (made once, by the main process)"
-    if data: return Path(data).expanduser()
-    cached = default_cache_dir()/'detection_shapes_{n_images}_{size}'.format(**DETECTION_SHAPES)
-    return make_detection_shapes(cached, **DETECTION_SHAPES)
+def _detection_shapes(s) -> Path:
+    cache = default_cache_dir()/'detection_shapes_{n_images}_{size}'.format(**DETECTION_SHAPES)
+    return Path(s.data).expanduser() if s.data else make_detection_shapes(cache, **DETECTION_SHAPES)
 
-def _write_detection_run(learn, out:Path, dls, path:Path, task:str, run:dict) -> dict:
-    "Evaluate on the validation set and write the run's figures, plots, export and weights (the main process)"
-    import safetensors.torch
-    import matplotlib.pyplot as plt
-    learn.remove_cb(CSVLogger)  # it holds a closed file, which cannot be pickled
-    names = [n for n in learn.recorder.metric_names if n not in ('epoch', 'time')]
-    values = learn.recorder.values[-1] if learn.recorder.values else []
-    last = {n: float(v) if v is not None else None for n, v in zip(names, values)}
+def _detection_dataloaders(path:Path, s) -> tuple:
+    dls = detection_dataloaders_from_folder(path, masks=s.task == 'instance', bs=s.bs, seed=s.seed,
+                                            valid_pct=s.valid_pct, augs=s.augs,
+                                            num_workers=0 if s.workers is None else s.workers)
+    return dls, list(dls.train.dataset.classes)[1:]  # class 0 is the background
+
+def _detection_learner(dls, s, **kw):
+    return res2netplus_det_learner(dls, s.arch, s.task, pretrained=s.pretrained, weights=s.weights, min_size=s.size,
+                                   max_size=round(s.size * 1333 / 800), detector=s.detector, **kw, **s.model_kwargs)
+
+# %% ../../nbs/07j_detection.train.ipynb #3d7a91c4
+def _coco_stats(stats:dict) -> dict:
+    return {k: None if v is None or math.isnan(v) else round(float(v), 5) for k, v in stats.items()}
+
+def _detection_summary(learn, s, classes, m) -> dict:
+    "The COCO statistics of the validation images: box, and for instance segmentation mask"
     preds, targets = learn.get_preds()
-    coco = coco_evaluate(preds, targets, ('bbox', 'segm') if task == 'instance' else ('bbox',))
-    learn.recorder.plot_loss(); plt.gcf().savefig(out/'loss.png', dpi=100, bbox_inches='tight'); plt.close('all')
-    fig = learn.show_results(max_n=min(4, len(dls.valid_ds)))
-    fig.savefig(out/'predictions.png', dpi=100, bbox_inches='tight'); plt.close('all')
-    learn.export('export.pkl')
-    state = {k: v.contiguous() for k, v in learn.model.state_dict().items()}
-    safetensors.torch.save_file(state, out/'model.safetensors')
-    result = dict(task=task, detector=run['detector'], arch=run['arch'], data=str(path), classes=learn.classes[1:],
-                  epochs=run['epochs'], size=run['size'], bs=run['bs'], lr=float(run['lr']),
-                  pretrained=run['pretrained'], valid_loss=_json_float(last.get('valid_loss')),
-                  box={k: _json_float(v) for k, v in coco['bbox'].items()}, train_seconds=run['seconds'],
-                  n_train=len(dls.train_ds), n_valid=len(dls.valid_ds))
-    if 'segm' in coco: result['mask'] = {k: _json_float(v) for k, v in coco['segm'].items()}
-    (out/'metrics.json').write_text(json.dumps(result, indent=2))
-    return result
+    coco = coco_evaluate(preds, targets, ('bbox', 'segm') if s.task == 'instance' else ('bbox',))
+    return dict(detector=s.detector, arch=s.arch, classes=classes, box=_coco_stats(coco['bbox']),
+                **({'mask': _coco_stats(coco['segm'])} if 'segm' in coco else {}),
+                n_train=len(learn.dls.train_ds), n_valid=len(learn.dls.valid_ds))
+
+def _detection_plots(learn, out:Path, classes:list):
+    save_figure(learn.show_results(max_n=min(4, len(learn.dls.valid_ds))), out/'predictions.png')
+
+DETECT = RunTask('detect', check=_check_detection, data=_detection_shapes, dataloaders=_detection_dataloaders,
+                 learner=_detection_learner, summary=_detection_summary, plots=_detection_plots, fit=one_cycle_fit,
+                 lr=0.02)
+INSTANCE = replace(DETECT, name='instance')
 
 # %% ../../nbs/07j_detection.train.ipynb #5c2fe2a0
 def train_detection(data=None, out='runs/detection', task:str='detect', arch:str='res2netplus50', size:int=512,
                     bs:int=4, epochs:int=12, lr:float|None=0.02, pretrained:bool=False, weights=None, seed:int=42,
-                    workers:int|None=None, valid_pct:float=0.2, augs='default', detector:str='rcnn',
-                    sync_bn:bool=False, resume_from:dict|None=None, run_info:dict|None=None, **model_kwargs) -> dict:
+                    workers:int|None=None, valid_pct:float=0.2, augs='default', detector:str='rcnn', sync_bn:bool=False,
+                    resume_from:dict|None=None, run_info:dict|None=None, **model_kwargs) -> dict:
     """Train Faster R-CNN (`task='detect'`) or Mask R-CNN (`'instance'`) on a COCO or VOC folder (none: generated
     shapes); write the results to `out`. Every epoch is reseeded from `seed` and checkpointed to `out/checkpoint.pth`
-    (with `run_info`); `resume_from`: such a checkpoint (`read_checkpoint`) to continue from"""
-    import matplotlib; matplotlib.use('Agg')
+    (with `run_info['args']`, what resumes it); `resume_from`: such a checkpoint (`read_checkpoint`) to continue from"""
     if task not in DETECTORS: raise ValueError(f"Unknown --task {task!r} for detection: use detect or instance.")
-    detector_factory(task, detector)
-    res2net_factory(arch)
-    if not (isinstance(size, int) and size >= 32):
-        raise ValueError(f"--size {size!r}: pass the shorter image side in pixels, at least 32.")
-    with main_process_first(): path = _detection_data(data)  # generated once
-    set_seed(seed, reproducible=True)
-    dls = detection_dataloaders_from_folder(path, masks=task == 'instance', bs=bs, seed=seed, valid_pct=valid_pct,
-                                            augs=augs, num_workers=0 if workers is None else workers)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    if resume_from is None and is_main_process(): (out/'metrics.csv').unlink(missing_ok=True)  # a resumed run appends
-    learn = res2netplus_det_learner(dls, arch, task, pretrained=pretrained, weights=weights, min_size=size,
-                                    max_size=round(size * 1333 / 800), path=out, model_dir='.',
-                                    cbs=[CSVLogger(fname='metrics.csv', append=True), StopOnNaN()], detector=detector,
-                                    **model_kwargs)
-    if lr == 0:
-        lr = learn.lr_find(show_plot=False).valley
-        print(f"lr_find: {lr:.2e}")
-    lr = lr or 0.02
-    run_info = dict(run_info or {})
-    # a resumed run does not search again
-    if 'args' in run_info: run_info['args'] = {**run_info['args'], 'lr': float(lr)}
-    first = 0
-    if resume_from is not None:
-        first = learn.load_run_checkpoint(resume_from)[1]
-        print(f"resuming {out} after epoch {resume_from['epoch']}")
-    best = SaveBestWeights('best.safetensors', best=resume_from and resume_from['best'])
-    start = time.time()
-    with learn.data_parallel(sync_bn):
-        learn.fit_one_cycle(epochs, lr, cbs=resumable_cbs(0, first, seed, 'checkpoint.pth', run_info) + [best])
-    seconds = round(time.time() - start, 1)
-    if not is_main_process(): return dict(rank=rank_distrib())  # rank 0 evaluates and writes
-    run = dict(detector=detector, arch=arch, epochs=epochs, size=size, bs=bs, lr=lr, seconds=seconds,
-               pretrained=bool(pretrained or weights is not None))
-    with alone():  # fastai would gather predictions from processes that have finished
-        return _write_detection_run(learn, out, dls, path, task, run)
+    settings = dict(data=data, out=out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
+                    weights=weights, seed=seed, workers=workers, valid_pct=valid_pct, augs=augs, detector=detector,
+                    sync_bn=sync_bn, model_kwargs=model_kwargs)
+    return run_task(DETECT if task == 'detect' else INSTANCE, settings, checkpoint=resume_from, args=(run_info or {}).get('args'))
 
 # %% ../../nbs/07j_detection.train.ipynb #413d82e9
 def predict_detection(model, image_path, thresh:float=0.5) -> dict:
