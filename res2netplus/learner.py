@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.foundation import L
-from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat,
-                               accuracy, accuracy_multi, ChannelsLast, Callback, TrackerCallback, TerminateOnNaNCallback,
+from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntropyLossFlat,
+                               LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat, accuracy, accuracy_multi,
+                               ChannelsLast, Callback, TrackerCallback, TerminateOnNaNCallback,
                                CancelFitException, SkipToEpoch, set_seed, noop, rank_distrib, num_distrib)
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
@@ -108,23 +109,28 @@ def _epoch_seed(seed:int, phase:int, epoch:int, rank:int=0) -> int:
     return int(np.random.SeedSequence([seed, phase, epoch] + ([rank] if rank else [])).generate_state(1)[0])
 
 class EpochSeed(Callback):
-    "Reseed torch, numpy, random, the loaders' shuffling and albumentations before each epoch, from (seed, phase, epoch)"
+    "Reseed torch, numpy, random, the loaders' shuffling and albumentations each epoch, from (seed, phase, epoch)"
     order = 80  # after fastai's SkipToEpoch (70): skipped epochs draw nothing
     def __init__(self, seed:int, phase:int=0): self.seed, self.phase = seed, phase
     def before_epoch(self):
         s = _epoch_seed(self.seed, self.phase, self.epoch, rank_distrib())  # each rank augments its share differently
         set_seed(s)
         for i, dl in enumerate(self.dls.loaders):
-            if isinstance(dl, DistributedDL): dl = dl.dl  # a data-parallel share: rank 0's order of the loader it wraps is broadcast
+            # a data-parallel share: rank 0's order of the loader it wraps is broadcast
+            if isinstance(dl, DistributedDL): dl = dl.dl
             dl.rng = random.Random(s + i)
-            # albumentations pipelines (fastai's AlbumentationsTransform, a detection dataset's DetectionAugment) reseed from numpy at their next item
-            for t in [*getattr(getattr(dl, 'after_item', None), 'fs', []), getattr(getattr(dl, 'dataset', None), 'augment', None)]:
+            # albumentations pipelines (fastai's AlbumentationsTransform, a detection dataset's DetectionAugment)
+            # reseed from numpy at their next item
+            augments = [*getattr(getattr(dl, 'after_item', None), 'fs', []),
+                        getattr(getattr(dl, 'dataset', None), 'augment', None)]
+            for t in augments:
                 if isinstance(t, ProcessSeeded): t._seeded_in = None
 
 def _skipping(learn) -> bool: return getattr(learn, '_skipping_epoch', False)
 
 class _RecipeControl(Callback):
-    "Epochs that fastai's `SkipToEpoch` passes over leave no row in the recorder, the progress table or the CSV log; a cancelled fit ends the recipe"
+    """Epochs that fastai's `SkipToEpoch` passes over leave no row in the recorder, the progress table or the CSV log;
+    a cancelled fit ends the recipe"""
     order = 95
     def before_fit(self): self.learn._fit_cancelled = False
     def after_cancel_fit(self): self.learn._fit_cancelled = True
@@ -136,10 +142,11 @@ class _RecipeControl(Callback):
         self.learn.logger, self.learn._skipping_epoch = self.shown_logger, False
         self.recorder.values.pop(); self.recorder.iters.pop()
 
+# %% ../nbs/05_learner.ipynb #1629c21b
 def _bare(model): return model.module if isinstance(model, DistributedDataParallel) else model
 
 def _plain(o):
-    "`o` with numpy scalars as Python numbers and paths as strings, so that `torch.load(weights_only=True)` reads it back"
+    "`o` with numpy scalars as Python numbers and paths as strings, so that `torch.load(weights_only=True)` reads it"
     if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
     if isinstance(o, (list, tuple, L)): return (tuple if isinstance(o, tuple) else list)(_plain(v) for v in o)
     if isinstance(o, np.generic): return o.item()
@@ -147,17 +154,20 @@ def _plain(o):
     return str(o) if isinstance(o, Path) else o
 
 def read_checkpoint(path) -> dict:
-    "A checkpoint written by `RunCheckpoint`, read without unpickling code; a missing or damaged file raises a `ValueError` naming the fix"
+    "A checkpoint written by `RunCheckpoint`, read without unpickling code; a missing or damaged one raises the fix"
     path = Path(path)
-    if not path.is_file(): raise ValueError(f"No checkpoint at {path}: resuming needs the checkpoint.pth of an interrupted run (start the run without resuming).")
+    if not path.is_file():
+        raise ValueError(f"No checkpoint at {path}: resuming needs the checkpoint.pth of an interrupted run "
+                         "(start the run without resuming).")
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f"The checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): it is damaged. Checkpoints are replaced "
-                         "atomically, so this file was not written by an interrupted save; delete it and start the run again.") from None
+        raise ValueError(f"The checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): it is damaged "
+                         "(checkpoints are replaced atomically, so not by an interrupted save). "
+                         "Delete it and start the run again.") from None
 
 @patch
 def load_run_checkpoint(self:Learner, ckpt:dict) -> tuple:
-    "Load the model and optimizer state of a `RunCheckpoint` (see `read_checkpoint`); returns the (phase, epoch) to resume at"
+    "Load the model and optimizer state of a `RunCheckpoint` (`read_checkpoint`); return the (phase, epoch) to resume"
     if self.opt is None: self.create_opt()
     self.model.load_state_dict(ckpt['model'])
     opt = {**ckpt['opt'], 'hypers': L(ckpt['opt']['hypers'])}  # saved as lists: fastai keeps them in `L`s
@@ -165,15 +175,17 @@ def load_run_checkpoint(self:Learner, ckpt:dict) -> tuple:
     self.opt.load_state_dict(opt)
     return ckpt['phase'], ckpt['epoch'] + 1
 
+# %% ../nbs/05_learner.ipynb #29f91ab4
 class RunCheckpoint(Callback):
-    "After each epoch, save what continues the run exactly (model, optimizer, phase, epoch, `info`) to `fname`, atomically"
+    "After each epoch, save what continues the run exactly (model, optimizer, phase, epoch, `info`) to `fname`"
     order = 90
-    def __init__(self, fname='checkpoint.pth', phase:int=0, info:dict|None=None): self.fname, self.phase, self.info = Path(fname), phase, info or {}
+    def __init__(self, fname='checkpoint.pth', phase:int=0, info:dict|None=None):
+        self.fname, self.phase, self.info = Path(fname), phase, info or {}
     def after_epoch(self):
         if _skipping(self.learn) or rank_distrib(): return  # rank 0 writes
         best = next(((cb.best, cb.best_epoch) for cb in self.learn.cbs if isinstance(cb, SaveBestWeights)), None)
-        state = dict(model=_bare(self.learn.model).state_dict(), opt=_plain(self.learn.opt.state_dict()), phase=self.phase, epoch=self.epoch,
-                     n_epoch=self.n_epoch, best=_plain(best), **_plain(self.info))
+        state = dict(model=_bare(self.learn.model).state_dict(), opt=_plain(self.learn.opt.state_dict()),
+                     phase=self.phase, epoch=self.epoch, n_epoch=self.n_epoch, best=_plain(best), **_plain(self.info))
         path = self.path/self.fname
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + '.part')
@@ -181,24 +193,29 @@ class RunCheckpoint(Callback):
         os.replace(part, path)  # atomic: a run killed while saving keeps the previous checkpoint
 
 class StopOnNaN(TerminateOnNaNCallback):
-    "fastai's `TerminateOnNaNCallback` that remembers where the loss stopped being finite: `learn.nan_at` = (epoch, batch)"
+    "fastai's `TerminateOnNaNCallback` that records where the loss stopped being finite: `learn.nan_at` (epoch, batch)"
     def after_batch(self):
         bad = torch.tensor(float(not torch.isfinite(self.loss).all()), device=self.loss.device)
-        if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
-        if bad:  # every rank stops at the same batch: one stopping alone leaves the others waiting in the gradient all-reduce
+        if num_distrib() > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        # every rank stops at the same batch: one stopping alone leaves the others waiting in the gradient all-reduce
+        if bad:
             self.learn.nan_at = (self.epoch, self.iter)
             raise CancelFitException
 
 class CheckFiniteInput(Callback):
-    "Refuse a batch whose inputs hold NaN or Inf, naming the images, before it reaches the model (any model: tensors or lists of them)"
+    "Refuse a batch whose inputs (tensors or lists of them) hold NaN or Inf, naming the images, before the model runs"
     order = -20  # before the batch is mixed or moved
     def before_batch(self):
+        where = (f"Training batch {self.iter} of epoch {self.epoch}" if self.training
+                 else f"Validation batch {self.iter}")
         for x in self.xb:
             for t in (x if isinstance(x, (list, tuple)) else [x]):
-                if isinstance(t, torch.Tensor) and t.is_floating_point(): check_finite(t, f"Training batch {self.iter} of epoch {self.epoch}" if self.training else f"Validation batch {self.iter}")
+                if isinstance(t, torch.Tensor) and t.is_floating_point(): check_finite(t, where)
 
+# %% ../nbs/05_learner.ipynb #50216bd8
 class SaveBestWeights(TrackerCallback):
-    "Save the weights to `fname` (safetensors) whenever `monitor` improves; the model keeps training from its own weights"
+    "Save the weights to `fname` (safetensors) whenever `monitor` improves; training goes on from the last weights"
     order = TrackerCallback.order + 1
     def __init__(self, fname='best.safetensors', monitor:str='valid_loss', best:tuple|None=None):
         "`best`: (value, epoch) so far, from a checkpoint"
@@ -210,15 +227,18 @@ class SaveBestWeights(TrackerCallback):
         if self.new_best and not rank_distrib():
             import safetensors.torch
             (self.path/self.fname).parent.mkdir(parents=True, exist_ok=True)
-            safetensors.torch.save_file({k: v.contiguous() for k, v in _bare(self.learn.model).state_dict().items()}, self.path/self.fname)
+            state = {k: v.contiguous() for k, v in _bare(self.learn.model).state_dict().items()}
+            safetensors.torch.save_file(state, self.path/self.fname)
         if self.new_best: self.best_epoch = self.epoch
 
 def resumable_cbs(phase:int=0, first:int=0, seed:int|None=None, checkpoint=None, run_info:dict|None=None) -> list:
-    "The callbacks of one reproducible, resumable fit: each epoch seeded from `seed`, saved to `checkpoint`, epochs before `first` skipped"
+    "Callbacks of a reproducible, resumable fit: epochs seeded by `seed`, saved to `checkpoint`, skipped before `first`"
     # fastai's SkipToEpoch directly: fastai 2.8.12's fit_flat_cos drops its start_epoch
     return [_RecipeControl(), *([EpochSeed(seed, phase)] if seed is not None else []),
-            *([RunCheckpoint(checkpoint, phase, run_info)] if checkpoint else []), *([SkipToEpoch(first)] if first else [])]
+            *([RunCheckpoint(checkpoint, phase, run_info)] if checkpoint else []),
+            *([SkipToEpoch(first)] if first else [])]
 
+# %% ../nbs/05_learner.ipynb #f1f5d6c1
 def recipe_phases(learn:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.) -> list:
     "The fits of `fit_recipe` as (epochs, lr, unfreeze first): a frozen (pretrained) body trains the head alone first"
     lr = lr or RECIPE['lr']
@@ -226,14 +246,14 @@ def recipe_phases(learn:Learner, epochs:int, lr:float|None=None, freeze_epochs:i
     return [(freeze_epochs, slice(lr), False), (epochs, slice(lr/2/lr_mult, lr/2), True)]
 
 @patch
-def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100., seed:int|None=None,
-               checkpoint=None, start=(0, 0), cbs=None, run_info:dict|None=None):
-    "Train with the recipe's schedule; `seed`: every epoch reproducible; `checkpoint`: saved after each epoch; `start`: (phase, epoch) to resume at"
+def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.,
+               seed:int|None=None, checkpoint=None, start=(0, 0), cbs=None, run_info:dict|None=None):
+    "Train with the recipe's schedule; `seed`: reproducible epochs; `checkpoint`: saved each epoch; `start`: resume at"
     fit = getattr(self, RECIPE['schedule'])
     for i, (n_epoch, lr_i, unfreeze) in enumerate(recipe_phases(self, epochs, lr, freeze_epochs, lr_mult)):
         if unfreeze: self.unfreeze()
         first = 0 if i > start[0] else start[1] if i == start[0] else n_epoch
         if first >= n_epoch: continue  # a phase the resumed run had finished
         fit(n_epoch, lr_i, cbs=resumable_cbs(i, first, seed, checkpoint, run_info) + list(cbs or []))
-        if getattr(self, '_fit_cancelled', False): break  # e.g. StopOnNaN: the next phase would start from broken weights
-
+        # e.g. StopOnNaN: the next phase would start from broken weights
+        if getattr(self, '_fit_cancelled', False): break
