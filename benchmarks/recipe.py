@@ -98,7 +98,8 @@ def main():
         print('\n## Optimizer and schedule (res2netplus50, CutMix)', flush=True)
         study = [go('res2netplus50', 'cutmix', o, s) for s in args.opt_seeds for o in OPTIMIZERS]
         print(table(study, ['opt'], dict(opt='adam_one_cycle')))
-        if not args.opt: opt = max(OPTIMIZERS, key=lambda o: statistics.mean(r['accuracy'] for r in study if r['opt'] == o))
+        if not args.opt:
+            opt = max(OPTIMIZERS, key=lambda o: statistics.mean(r['accuracy'] for r in study if r['opt'] == o))
         print(f'best: {opt}', flush=True)
     if args.study in ('all', 'compare'):
         print(f'\n## Architectures x mixing ({opt})', flush=True)

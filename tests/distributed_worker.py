@@ -35,14 +35,16 @@ if task in ('classify', 'nan'):
     dls = ImageDataLoaders.from_folder(data, valid='valid', bs=4, num_workers=0, seed=0, item_tfms=Resize(64))
     learn = res2netplus_learner(dls, mix='cutmix', path=run_dir, model_dir='.', cbs=CSVLogger())
     cbs = [SaveBestWeights(), StopOnNaN(), seen] + ([NaNOnRank1()] if task == 'nan' else [])
-    with learn.data_parallel(): learn.fit_recipe(2 if task == 'classify' else 3, 1e-3, seed=0, checkpoint='checkpoint.pth', cbs=cbs)
+    with learn.data_parallel():
+        learn.fit_recipe(2 if task == 'classify' else 3, 1e-3, seed=0, checkpoint='checkpoint.pth', cbs=cbs)
 elif task == 'segment':
     from res2netplus.segmentation import res2netplus_seg_learner
     with main_process_first(): path = make_shapes(out/'shapes', n_images=16, size=64, seed=1)
     dls = DataBlock((ImageBlock, MaskBlock(read_codes(path/'codes.txt'))), get_items=image_files, get_y=MaskFromImage(path/'masks'),
                     splitter=RandomSplitter(0.2, seed=0)).dataloaders(path/'images', bs=3, num_workers=0)
     learn = res2netplus_seg_learner(dls, 'res2netplus50', head='fpn', mix='mixup', path=run_dir, model_dir='.', cbs=CSVLogger())
-    with learn.data_parallel(): learn.fit_recipe(1, 1e-3, seed=0, checkpoint='checkpoint.pth', cbs=[SaveBestWeights(), seen])
+    with learn.data_parallel():
+        learn.fit_recipe(1, 1e-3, seed=0, checkpoint='checkpoint.pth', cbs=[SaveBestWeights(), seen])
     from res2netplus.distributed import alone
     extra['last_epoch'] = list(map(float, learn.recorder.values[-1]))  # before validate(), which rewrites the record
     learn.remove_cb(CSVLogger)  # the validation below is no epoch of the run: nothing to log

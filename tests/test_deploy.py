@@ -37,7 +37,8 @@ def test_every_mish_runs_inside_a_fused_kernel(plus, monkeypatch):
     calls = []                                        # sent 32 Mish calls a forward down the slow unfused path
     monkeypatch.setattr(nn.Mish, 'forward', lambda self, x: calls.append(tuple(x.shape)) or torch.nn.functional.mish(x))
     with torch.no_grad(), layers.fast_path('compiled'): f(torch.randn(2, 3, 64, 64))
-    if layers._fast['failed'] is not None: pytest.skip(f"this machine cannot compile the fused kernels: {layers._fast['failed']}")
+    if layers._fast['failed'] is not None:
+        pytest.skip(f"this machine cannot compile the fused kernels: {layers._fast['failed']}")
     assert calls == []
     with torch.no_grad(), layers.fast_path('reference'): f(torch.randn(2, 3, 64, 64))
     assert len(calls) == 3 + 16 * 5  # the reference path: the stem's three, and five a block

@@ -108,10 +108,13 @@ def test_mixup_weighs_the_pixel_loss_of_both_masks():
 
 def test_bad_input_says_how_to_fix(seg_dls):
     with pytest.raises(ValueError, match='Unknown head'): res2netplus_seg_learner(seg_dls, head='pspnet')
-    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'): res2netplus_seg_learner(seg_dls, head='fpn', output_stride=4)
+    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
+        res2netplus_seg_learner(seg_dls, head='fpn', output_stride=4)
     with pytest.raises(ValueError, match='Did you mean'): res2netplus_seg_learner(seg_dls, 'res2netplus5')
-    with pytest.raises(ValueError, match='n_in=4'): create_seg_model(res2netplus50, 2, 'fpn').eval()(torch.randn(1, 4, 64, 64))
-    with pytest.raises(ValueError, match='do not match'): SegmentationLoss()(torch.randn(2, 3, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match='n_in=4'):
+        create_seg_model(res2netplus50, 2, 'fpn').eval()(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match='do not match'):
+        SegmentationLoss()(torch.randn(2, 3, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long))
 
 def test_a_non_res2net_factory_is_refused_with_the_fix():
     "fastai's habit unet_learner(dls, resnet34) ended in a TypeError from inside torchvision"
@@ -125,7 +128,8 @@ def test_a_non_res2net_factory_is_refused_with_the_fix():
 def test_compile_trains_our_heads_and_refuses_the_unet(seg_dls, head):
     "compile=True: the FPN and DeepLabV3+ heads train compiled (and predict as uncompiled); fastai's U-Net, which the compiler cannot trace, is refused with the fix"
     from torch._dynamo.utils import counters
-    with pytest.raises(ValueError, match="Use the 'fpn' or 'deeplabv3plus' head"): res2netplus_seg_learner(seg_dls, tiny_plus, compile=True)
+    with pytest.raises(ValueError, match="Use the 'fpn' or 'deeplabv3plus' head"):
+        res2netplus_seg_learner(seg_dls, tiny_plus, compile=True)
     from res2netplus.learner import compile_learner
     unet = res2netplus_seg_learner(seg_dls, tiny_plus)  # compiled afterwards, as any Learner can be: refused too, not a RecursionError at the first batch
     with pytest.raises(ValueError, match="fastai's U-Net does not compile"): compile_learner(unet)
