@@ -31,16 +31,18 @@ def _accelerator_kwargs(kwargs:dict) -> dict:
     return {'cpu': not torch.cuda.is_available(), **kwargs}
 
 def in_data_parallel(learn) -> bool:
-    "Whether `learn` is running its share of a data-parallel epoch: a metric's own sums must then be combined over the processes"
+    "Whether `learn` runs its share of a data-parallel epoch: a metric's own sums must then be added over the processes"
     return isinstance(getattr(learn, 'dl', None), DistributedDL)
 
 def n_real_items(learn, seen:int, bs:int) -> int:
     "How many of the `bs` items after the first `seen` of this process's share of the epoch are real, not padding"
-    dl = getattr(learn, 'dl', None)  # fastai's DistributedDL pads the last shares with repeats of the epoch's first items
+    # fastai's DistributedDL pads the last shares with repeats of the epoch's first items
+    dl = getattr(learn, 'dl', None)
     if not isinstance(dl, DistributedDL) or not hasattr(dl, 'n_padded'): return bs
     start = dl.rank * dl.n_padded // dl.world_size + seen  # where the batch starts in the padded epoch
     return max(0, min(bs, dl.n - start))
 
+# %% ../nbs/08b_distributed.ipynb #84cb5dc5
 def sum_over_processes(t:torch.Tensor) -> torch.Tensor:
     "`t` summed over the processes of the group (a new tensor; `t` is left as it is)"
     t = t.detach().to(process_group_device(), copy=True)
@@ -48,7 +50,7 @@ def sum_over_processes(t:torch.Tensor) -> torch.Tensor:
     return t.cpu()
 
 class ProcessShare:
-    "Mixin for a metric that keeps its own sums: in a data-parallel validation each item counts once, and the processes' sums are added"
+    "Mixin for a metric with its own sums: in a data-parallel validation each item counts once, the processes' sums add"
     def reset_share(self): self.seen, self.shared = 0, False
     def take(self, learn, bs:int) -> int:
         "How many leading items of the current `bs`-item batch to count"
@@ -56,14 +58,15 @@ class ProcessShare:
         self.seen, self.shared = self.seen + bs, in_data_parallel(learn)
         return real
     def summed(self, t:torch.Tensor) -> torch.Tensor:
-        "`t` summed over the processes after a data-parallel validation (once: every process asks at the same point), else `t`"
+        "`t` summed over the processes after a data-parallel validation (once: all processes ask at one point) or `t`"
         if not self.shared: return t
         self.shared = False
         return sum_over_processes(t)
 
 @contextmanager
 def alone():
-    "Run the block as a single process (rank 0's evaluation and plots after a data-parallel fit): fastai gathers predictions over all processes whenever WORLD_SIZE > 1"
+    """Run the block as a single process (rank 0's evaluation and plots after a data-parallel fit): fastai gathers
+    predictions over all processes whenever WORLD_SIZE > 1"""
     old = os.environ.get('WORLD_SIZE')
     os.environ['WORLD_SIZE'] = '1'
     try: yield
@@ -73,7 +76,7 @@ def alone():
 
 @contextmanager
 def main_process_first(**kwargs):
-    "Run the block in rank 0 first, then in the other ranks (e.g. unpacking or generating data once); alone, just run it"
+    "Run the block in rank 0 first, then in the other ranks (e.g. unpacking or generating data once); alone, just run"
     if num_distrib() <= 1:
         yield; return
     from accelerate import PartialState
@@ -81,7 +84,7 @@ def main_process_first(**kwargs):
 
 # %% ../nbs/08b_distributed.ipynb #a8b00006
 class ProcessGroupDL(DistributedDL):
-    "fastai's `DistributedDL`, broadcasting the epoch's index order on the process group's device (CPU for gloo, CUDA for NCCL)"
+    "fastai's `DistributedDL`, broadcasting the epoch's order on the process group's device (gloo: CPU, NCCL: CUDA)"
     def _broadcast(self, t, rank):
         t = torch.tensor(t, dtype=torch.long, device=process_group_device())
         torch.distributed.broadcast(t, rank)
@@ -92,14 +95,17 @@ class DataParallelTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` on CPUs and GPUs; every rank validates and ends with rank 0's BatchNorm statistics"
     def __init__(self, sync_bn:bool=False, **kwargs):
         if sync_bn and not torch.cuda.is_available():
-            raise ValueError("sync_bn=True needs GPUs: SyncBatchNorm has no CPU kernel. On CPUs train with sync_bn=False "
-                             "(each process normalises its own batch; running statistics come from rank 0).")
+            raise ValueError("sync_bn=True needs GPUs: SyncBatchNorm has no CPU kernel. On CPUs train with "
+                             "sync_bn=False (each process normalises its own batch; running statistics come from "
+                             "rank 0).")
         super().__init__(sync_bn, **_accelerator_kwargs(kwargs))
         if self.accelerator.num_processes != max(num_distrib(), 1):
-            raise RuntimeError(f"The launcher started {num_distrib()} processes but Accelerate sees {self.accelerator.num_processes}: "
-                               "launch with torchrun or accelerate launch, and do not initialise torch.distributed yourself.")
+            raise RuntimeError(f"The launcher started {num_distrib()} processes but Accelerate sees "
+                               f"{self.accelerator.num_processes}: launch with torchrun or accelerate launch, and "
+                               "do not initialise torch.distributed yourself.")
 
-    def _wrap_dl(self, dl): return dl if isinstance(dl, DistributedDL) else ProcessGroupDL(dl, device=self.accelerator.device)
+    def _wrap_dl(self, dl):
+        return dl if isinstance(dl, DistributedDL) else ProcessGroupDL(dl, device=self.accelerator.device)
     def _sync_buffers(self):
         for b in self.learn.model.buffers(): torch.distributed.broadcast(b.data, 0)
     def before_validate(self):
@@ -113,10 +119,11 @@ class DataParallelTrainer(DistributedTrainer):
 @patch
 @contextmanager
 def data_parallel(self:Learner, sync_bn:bool=False, **kwargs):
-    "Train data-parallel across the processes of a launcher (torchrun, accelerate launch); alone, change nothing. `kwargs` go to `Accelerator`"
+    "Train data-parallel across the processes of a launcher (torchrun, accelerate launch; `kwargs` go to `Accelerator`)"
     if num_distrib() <= 1:
-        if sync_bn: raise ValueError("sync_bn=True synchronises BatchNorm across processes: launch with torchrun or accelerate launch "
-                                     "(res2netplus train --distributed N), or drop it.")
+        if sync_bn:
+            raise ValueError("sync_bn=True synchronises BatchNorm across processes: launch with torchrun or accelerate "
+                             "launch (res2netplus train --distributed N), or drop it.")
         yield self; return
     trainer = DataParallelTrainer(sync_bn, **kwargs)
     writers = [cb for cb in self.cbs if isinstance(cb, (ProgressCallback, CSVLogger))] if rank_distrib() else []
