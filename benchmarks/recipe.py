@@ -88,7 +88,8 @@ def main():
     path = fashion_mnist_subset(default_cache_dir()/f'fashion_mnist_{args.n_train}_{args.n_valid}', args.n_train,
                                 args.n_valid)
     print(f'Fashion-MNIST {10*args.n_train} train / {10*args.n_valid} valid images at {args.size} px, '
-          f'{args.epochs} epochs, batch {args.bs}, torch {torch.__version__}, {torch.get_num_threads()} threads', flush=True)
+          f'{args.epochs} epochs, batch {args.bs}, torch {torch.__version__}, {torch.get_num_threads()} threads',
+          flush=True)
     out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else []
     def go(arch, mix, opt, seed):
