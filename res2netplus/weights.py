@@ -76,7 +76,7 @@ def fetch_imagenet_weights(timm_name:str, cache_dir=None) -> dict:
     except Exception as e:
         raise WeightsUnavailableError(
             f"Could not fetch the ImageNet weights of {timm_name} (hub id timm/{timm_name}.in1k): "
-            f"{type(e).__name__}: {e}. Offline (Kaggle without internet)? Attach the checkpoint file and pass "
+            f"{type(e).__name__}: {e}. Offline (Kaggle without internet), attach the checkpoint file and pass "
             f"weights='path/to/{timm_name}.safetensors', or use pretrained=False for random init.") from None
 
 # %% ../nbs/01_weights.ipynb #34bacf7e
