@@ -140,7 +140,8 @@ def test_v1b_weights_into_a_deeper_or_wider_plus_variant_name_the_keys():
 def test_a_file_of_another_variant_names_the_variant_it_was_given_to(tmp_path):
     "issue 26: the message said 'does not fit Res2Net', not which of the 20 variants"
     safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'res2net50d.safetensors')
-    with pytest.raises(ValueError, match=r'(?s)res2net50d.safetensors does not fit res2net101d \(.*missing keys: layer3'):
+    names_the_variant = r'(?s)res2net50d.safetensors does not fit res2net101d \(.*missing keys: layer3'
+    with pytest.raises(ValueError, match=names_the_variant):
         res2net101d(weights=tmp_path/'res2net50d.safetensors')
     # a model made by the factories (or timm.create_model) carries its name for later load_weights calls
     with pytest.raises(ValueError, match=r'^the checkpoint does not fit res2net101d \('):
