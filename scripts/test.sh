@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONWARNINGS=ignore::FutureWarning
 echo "== style (ruff check: lines of at most 120 characters, syntax and undefined names; config in pyproject.toml)"
-if ! python3 -m ruff check res2netplus tests nbs; then
+if ! python3 -m ruff check --output-format concise res2netplus tests nbs; then
   echo "style: fix the lines above ('python3 -m ruff check --fix' fixes what it can; reflow long lines by hand), in the" >&2
   echo "style: notebooks for exported modules (then nbdev-export); rerun 'python3 -m ruff check res2netplus tests nbs'." >&2
   exit 1
