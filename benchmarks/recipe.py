@@ -19,7 +19,8 @@ def ensure_fashion_mnist():
     if (FASHION_MNIST_DIR/'train-images-idx3-ubyte.gz').exists(): return
     if os.geteuid() == 0 and shutil.which('apt-get'):
         print('installing dataset-fashion-mnist …', flush=True)
-        subprocess.run(['apt-get', 'install', '-y', '-q', 'dataset-fashion-mnist'], check=False, stdout=subprocess.DEVNULL)
+        subprocess.run(['apt-get', 'install', '-y', '-q', 'dataset-fashion-mnist'], check=False,
+                       stdout=subprocess.DEVNULL)
     if not (FASHION_MNIST_DIR/'train-images-idx3-ubyte.gz').exists():
         sys.exit('Fashion-MNIST is missing: run `sudo apt-get install -y dataset-fashion-mnist` and try again.')
 
@@ -34,8 +35,9 @@ def run(path, arch, mix, opt, seed, args):
     from res2netplus.augment import AlbumentationsTransform, res2netplus_augs
     from res2netplus.models import RES2NET_FACTORIES
     fv.set_seed(seed, reproducible=True)
+    item_tfms = [AlbumentationsTransform(res2netplus_augs(args.size)), fv.Resize(args.size)]
     dls = fv.ImageDataLoaders.from_folder(path, valid='valid', bs=args.bs, num_workers=0, seed=seed,
-                                          item_tfms=[AlbumentationsTransform(res2netplus_augs(args.size)), fv.Resize(args.size)])
+                                          item_tfms=item_tfms)
     opt_name, schedule, lr = OPTIMIZERS[opt]
     factory = RES2NET_FACTORIES.get(arch) or getattr(fv, arch)
     learn = rl.res2netplus_learner(dls, factory, mix=None if mix == 'none' else mix, opt_func=getattr(fv, opt_name))
@@ -44,14 +46,16 @@ def run(path, arch, mix, opt, seed, args):
         getattr(learn, schedule)(args.epochs, lr)
         seconds = time.perf_counter() - start
         valid_loss, acc = learn.validate()
-    return dict(arch=arch, mix=mix, opt=opt, seed=seed, accuracy=float(acc), valid_loss=float(valid_loss), train_seconds=seconds)
+    return dict(arch=arch, mix=mix, opt=opt, seed=seed, accuracy=float(acc), valid_loss=float(valid_loss),
+                train_seconds=seconds)
 
 def table(results, keys, ref):
     groups = {}
     for r in results: groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     ref_time = {r['seed']: r['train_seconds'] for r in results if all(r[k] == v for k, v in ref.items())}
     head = ' | '.join(keys)
-    lines = [f'| {head} | accuracy (mean ± sd) | seeds | time / run (s) | time ratio vs {"/".join(ref.values())} |', '|' + '---|'*(len(keys) + 4)]
+    lines = [f'| {head} | accuracy (mean ± sd) | seeds | time / run (s) | time ratio vs {"/".join(ref.values())} |',
+             '|' + '---|'*(len(keys) + 4)]
     for key, rs in groups.items():
         accs = [r['accuracy'] for r in rs]
         ratios = [r['train_seconds']/ref_time[r['seed']] for r in rs if r['seed'] in ref_time]
@@ -68,7 +72,8 @@ def main():
     p.add_argument('--opt-seeds', type=int, nargs='+', default=[0, 1], help='seeds of the optimizer study')
     p.add_argument('--archs', nargs='+', default=['res2netplus50', 'xresnet50', 'res2net50d'])
     p.add_argument('--mixes', nargs='+', default=['none', 'cutmix'])
-    p.add_argument('--opt', choices=list(OPTIMIZERS), default=None, help='optimizer for the comparison (default: the study\'s winner, else the recipe\'s)')
+    p.add_argument('--opt', choices=list(OPTIMIZERS), default=None,
+                   help="optimizer for the comparison (default: the study's winner, else the recipe's)")
     p.add_argument('--epochs', type=int, default=5)
     p.add_argument('--size', type=int, default=32)
     p.add_argument('--bs', type=int, default=32)
@@ -80,25 +85,31 @@ def main():
     import torch
     from res2netplus.data import fashion_mnist_subset, default_cache_dir
     from res2netplus.learner import RECIPE
-    path = fashion_mnist_subset(default_cache_dir()/f'fashion_mnist_{args.n_train}_{args.n_valid}', args.n_train, args.n_valid)
-    print(f'Fashion-MNIST {10*args.n_train} train / {10*args.n_valid} valid images at {args.size} px, {args.epochs} epochs, '
-          f'batch {args.bs}, torch {torch.__version__}, {torch.get_num_threads()} threads', flush=True)
+    path = fashion_mnist_subset(default_cache_dir()/f'fashion_mnist_{args.n_train}_{args.n_valid}', args.n_train,
+                                args.n_valid)
+    print(f'Fashion-MNIST {10*args.n_train} train / {10*args.n_valid} valid images at {args.size} px, '
+          f'{args.epochs} epochs, batch {args.bs}, torch {torch.__version__}, {torch.get_num_threads()} threads',
+          flush=True)
     out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else []
     def go(arch, mix, opt, seed):
         key = (arch, mix, opt, seed, args.epochs, args.size, args.bs, args.n_train)
-        done = [r for r in results if (r['arch'], r['mix'], r['opt'], r['seed'], r['epochs'], r['size'], r['bs'], r['n_train']) == key]
+        fields = ('arch', 'mix', 'opt', 'seed', 'epochs', 'size', 'bs', 'n_train')
+        done = [r for r in results if tuple(r[f] for f in fields) == key]
         if done: return done[0]
-        r = run(path, arch, mix, opt, seed, args) | dict(epochs=args.epochs, size=args.size, bs=args.bs, n_train=args.n_train)
+        r = run(path, arch, mix, opt, seed, args)
+        r |= dict(epochs=args.epochs, size=args.size, bs=args.bs, n_train=args.n_train)
         results.append(r); out.write_text(json.dumps(results, indent=1))
-        print(f"  {arch:14s} mix={mix:7s} opt={opt:16s} seed={seed}: {100*r['accuracy']:.2f} % in {r['train_seconds']:.0f} s", flush=True)
+        print(f"  {arch:14s} mix={mix:7s} opt={opt:16s} seed={seed}: {100*r['accuracy']:.2f} % "
+              f"in {r['train_seconds']:.0f} s", flush=True)
         return r
     opt = args.opt or next(k for k, v in OPTIMIZERS.items() if v[1] == RECIPE['schedule'])
     if args.study in ('all', 'optimizer'):
         print('\n## Optimizer and schedule (res2netplus50, CutMix)', flush=True)
         study = [go('res2netplus50', 'cutmix', o, s) for s in args.opt_seeds for o in OPTIMIZERS]
         print(table(study, ['opt'], dict(opt='adam_one_cycle')))
-        if not args.opt: opt = max(OPTIMIZERS, key=lambda o: statistics.mean(r['accuracy'] for r in study if r['opt'] == o))
+        if not args.opt:
+            opt = max(OPTIMIZERS, key=lambda o: statistics.mean(r['accuracy'] for r in study if r['opt'] == o))
         print(f'best: {opt}', flush=True)
     if args.study in ('all', 'compare'):
         print(f'\n## Architectures x mixing ({opt})', flush=True)

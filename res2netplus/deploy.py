@@ -27,7 +27,7 @@ def _bn_affine(bn:nn.Module):
     return scale, shift
 
 def _plain(m:nn.Module, cls:type) -> bool:
-    "`m` computes what `cls` does: no subclass's own `forward` (timm's BatchNormAct2d), no parametrization (weight norm), no forward hooks"
+    "`m` computes what `cls` does: no subclass `forward` (timm's BatchNormAct2d), parametrization or forward hooks"
     return _is_plain(m, cls) and not parametrize.is_parametrized(m) and not (m._forward_hooks or m._forward_pre_hooks)
 
 def _foldable(bn) -> bool:
@@ -35,12 +35,13 @@ def _foldable(bn) -> bool:
 
 def _check_target(layer:nn.Module):
     if parametrize.is_parametrized(layer):
-        raise ValueError(f"Cannot fold a BatchNorm into a parametrized layer (weight norm): its weight is computed. "
-                         f"Remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations), not {layer}.")
+        raise ValueError(f"Cannot fold a BatchNorm into {layer}: its weight is computed by a parametrization (weight "
+                         "norm). Remove it first (torch.nn.utils.parametrize.remove_parametrizations).")
 
 def _set_bias(layer:nn.Module, bias:torch.Tensor):
     layer.bias = nn.Parameter(bias.detach().clone())
 
+# %% ../nbs/08_deploy.ipynb #c28e6130
 @torch.no_grad()
 def fold_bn_into_conv(conv:nn.Conv2d, bn:nn.Module):
     "conv → BN as one conv: weight·scale (per output channel), bias·scale + shift"
@@ -53,7 +54,8 @@ def fold_bn_into_conv(conv:nn.Conv2d, bn:nn.Module):
 @torch.no_grad()
 def fold_bn_into_next(bn:nn.Module, layer:nn.Module, start:int=0):
     "BN → `layer` (a Linear, or a 1×1 conv without padding) as one layer; the BN feeds `layer`'s inputs `start:start+n`"
-    if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.padding not in ((0, 0), 'valid') or layer.groups != 1):
+    if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.padding not in ((0, 0), 'valid')
+                                         or layer.groups != 1):
         raise ValueError(f"A BatchNorm folds exactly only into a 1×1 ungrouped conv without padding, not {layer}.")
     _check_target(layer)
     scale, shift = _bn_affine(bn)
@@ -63,6 +65,7 @@ def fold_bn_into_next(bn:nn.Module, layer:nn.Module, start:int=0):
     _set_bias(layer, bias + w[:, cols] @ shift)
     w[:, cols].mul_(scale)
 
+# %% ../nbs/08_deploy.ipynb #d8e0a006
 def _last(m:nn.Module) -> nn.Module:
     while isinstance(m, nn.Sequential) and len(m): m = m[-1]
     return m
@@ -73,7 +76,6 @@ def _folded(bn:nn.Module) -> nn.Identity:
     "What stays where `bn` was folded: an `nn.Identity` in `bn`'s train/eval mode"
     return nn.Identity().train(bn.training)
 
-# %% ../nbs/08_deploy.ipynb #d8e0a006
 def _fold_sequential(seq:nn.Sequential, target) -> int:
     "Fold every conv → BN and BN → (Dropout) → Linear pair among `seq`'s children whose conv or Linear `target` allows"
     names, n = list(seq._modules), 0
@@ -90,6 +92,7 @@ def _fold_sequential(seq:nn.Sequential, target) -> int:
             fold_bn_into_next(bn, seq._modules[names[j]]); seq._modules[name] = _folded(bn); n += 1
     return n
 
+# %% ../nbs/08_deploy.ipynb #23090bd2
 def _fold_block(b:Bottle2neck, target) -> int:
     n = 0
     if b.bn_1st:
@@ -97,10 +100,12 @@ def _fold_block(b:Bottle2neck, target) -> int:
             bns, key = (b, name) if name == 'bn1' else (b.bns, str(name))
             if _foldable(bns._modules[key]) and target(conv, nn.Conv2d):
                 fold_bn_into_conv(conv, bns._modules[key]); bns._modules[key] = _folded(bns._modules[key]); n += 1
-    elif _foldable(b.bns[-1]) and target(b.conv3, nn.Conv2d):  # the last split's act → BN feeds only conv3 (1×1, no padding)
+    # the last split's act → BN feeds only conv3 (1×1, no padding)
+    elif _foldable(b.bns[-1]) and target(b.conv3, nn.Conv2d):
         fold_bn_into_next(b.bns[-1], b.conv3, start=(len(b.convs) - 1) * b.width)
         b.bns[-1] = _folded(b.bns[-1]); n += 1
-    if _foldable(b.bn3) and target(b.conv3, nn.Conv2d): fold_bn_into_conv(b.conv3, b.bn3); b.bn3 = _folded(b.bn3); n += 1
+    if _foldable(b.bn3) and target(b.conv3, nn.Conv2d):
+        fold_bn_into_conv(b.conv3, b.bn3); b.bn3 = _folded(b.bn3); n += 1
     return n
 
 _BLOCK_FORWARDS = (Bottle2neck.forward, FastBottle2neck.forward)
@@ -114,8 +119,10 @@ def fold_batchnorms(model:nn.Module) -> int:
     for m in list(model.modules()):
         # a block that computes what Bottle2neck does (a subclass with a forward of its own may not)
         if isinstance(m, Bottle2neck) and type(m).forward in _BLOCK_FORWARDS: n += _fold_block(m, target)
-        # children run one after the other: a plain nn.Sequential's, or a Res2Net's or its body's (which check their input first)
-        if isinstance(m, nn.Sequential) and type(m).forward in (nn.Sequential.forward, CheckedSequential.forward, Res2Net.forward): n += _fold_sequential(m, target)
+        # children run one after the other: a plain nn.Sequential's, or a Res2Net's or its body's (which check their
+        # input first)
+        sequential = (nn.Sequential.forward, CheckedSequential.forward, Res2Net.forward)
+        if isinstance(m, nn.Sequential) and type(m).forward in sequential: n += _fold_sequential(m, target)
     return n
 
 # %% ../nbs/08_deploy.ipynb #d8e0a007
@@ -133,7 +140,7 @@ def _example(model:nn.Module, size:int, batch:int=2) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _evaluating(model:nn.Module):
-    "`model` in eval mode, and afterwards every submodule in its own mode again (frozen BatchNorms, Monte Carlo dropout)"
+    "`model` in eval mode, then every submodule in its own mode again (frozen BatchNorms, Monte Carlo dropout)"
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try: yield model
@@ -157,21 +164,25 @@ def _difference(got, want, atol:float, rtol:float|None) -> tuple:
     diff, ok = 0., True
     for g, w in zip(got, want):
         d = (g.detach().float().cpu() - w.detach().float().cpu()).abs().max().item() if w.numel() else 0.
-        tol = atol + (_rtol(w.dtype) if rtol is None else rtol) * (w.detach().float().abs().max().item() if w.numel() else 0.)
+        size = w.detach().float().abs().max().item() if w.numel() else 0.
+        tol = atol + (_rtol(w.dtype) if rtol is None else rtol) * size
         diff, ok = max(diff, d), ok and d <= tol
     return diff, ok
 
+# %% ../nbs/08_deploy.ipynb #2547b4b4
 _LOOSER = "pass atol= or rtol= for a looser check, or check_size=None to skip it"
 
 def _inference_only(model:nn.Module, mode:bool=True) -> nn.Module:
-    "`train` of a fused copy: its folded BatchNorms are gone and its others would overwrite their statistics, so eval only"
-    if mode: raise RuntimeError("fuse_for_inference returned an inference-only copy (BatchNorms folded, weights frozen): "
-                                "train the original model and fuse it again afterwards.")
+    "`train` of a fused copy: its folded BatchNorms are gone and the others would overwrite their statistics: eval only"
+    if mode:
+        raise RuntimeError("fuse_for_inference returned an inference-only copy (BatchNorms folded, weights frozen): "
+                           "train the original model and fuse it again afterwards.")
     return nn.Module.train(model, False)
 
 @torch.no_grad()
-def fuse_for_inference(model_or_learner, channels_last:bool=True, check_size:int|None=64, atol:float=1e-4, rtol:float|None=None) -> nn.Module:
-    "An inference-only copy of the model (a `Res2Net`, a learner's `nn.Sequential(body, head)`, any CNN): BatchNorms folded, channels_last, frozen"
+def fuse_for_inference(model_or_learner, channels_last:bool=True, check_size:int|None=64, atol:float=1e-4,
+                       rtol:float|None=None) -> nn.Module:
+    "An inference-only copy (BatchNorms folded, channels_last, frozen) of a `Res2Net`, a learner's model, any CNN"
     model = _model_of(model_or_learner)
     fused = copy.deepcopy(model).eval()
     fused.n_folded_bn = fold_batchnorms(fused)
@@ -181,8 +192,9 @@ def fuse_for_inference(model_or_learner, channels_last:bool=True, check_size:int
     if check_size:
         x = _example(model, check_size)
         with _evaluating(model): diff, ok = _difference(fused(x), model(x), atol, rtol)
-        if not ok: raise RuntimeError(f"The fused model differs from the original by {diff:.2e} (atol={atol}, rtol="
-                                      f"{_rtol(x.dtype) if rtol is None else rtol} of the output's size): {_LOOSER}.")
+        if not ok:
+            raise RuntimeError(f"The fused model differs from the original by {diff:.2e} (atol={atol}, rtol="
+                               f"{_rtol(x.dtype) if rtol is None else rtol} of the output's size): {_LOOSER}.")
     return fused
 
 # %% ../nbs/08_deploy.ipynb #d8e0a009
@@ -192,11 +204,13 @@ def _onnx_outputs(path, xs) -> list:
     name = sess.get_inputs()[0].name
     return [sess.run(None, {name: x.numpy()}) for x in xs]
 
-def export_onnx(model_or_learner, path, size:int=224, fuse:bool=True, opset:int=18, atol:float=1e-4, rtol:float|None=None) -> dict:
-    "Export to ONNX (batch size dynamic), run it with onnxruntime and compare with the original model; dynamo exporter first, else the legacy one"
+def export_onnx(model_or_learner, path, size:int=224, fuse:bool=True, opset:int=18, atol:float=1e-4,
+                rtol:float|None=None) -> dict:
+    "Export to ONNX (dynamic batch; dynamo exporter, else legacy), run it in onnxruntime and check it against the model"
     model = _model_of(model_or_learner)
     _example(model, size)  # an image model, or a clear error
-    model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()  # onnxruntime compares on the CPU
+    # onnxruntime compares on the CPU
+    model = model if next(model.parameters()).device.type == 'cpu' else copy.deepcopy(model).cpu()
     exported = fuse_for_inference(model, channels_last=False, check_size=None) if fuse else copy.deepcopy(model).eval()
     path, checks, errors = Path(path), [_example(model, size), _example(model, size, batch=3)], []
     with torch.no_grad(), _evaluating(model): wanted = [model(x) for x in checks]  # the original, not the fused copy
@@ -204,18 +218,21 @@ def export_onnx(model_or_learner, path, size:int=224, fuse:bool=True, opset:int=
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter('ignore')
-                kw = dict(dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=1024)},)) if dynamo else \
-                     dict(input_names=['input'], output_names=['output'], dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})
+                if dynamo: kw = dict(dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=1024)},))
+                else: kw = dict(input_names=['input'], output_names=['output'],
+                                dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})
                 torch.onnx.export(exported, (checks[0],), str(path), opset_version=opset, dynamo=dynamo, **kw)
             results = [_difference(got, want, atol, rtol) for got, want in zip(_onnx_outputs(path, checks), wanted)]
             diff = max(d for d, _ in results)
-            if all(ok for _, ok in results): return dict(path=path, exporter='dynamo' if dynamo else 'legacy (TorchScript)', max_abs_diff=diff)
+            if all(ok for _, ok in results):
+                return dict(path=path, exporter='dynamo' if dynamo else 'legacy (TorchScript)', max_abs_diff=diff)
             errors.append(f"{'dynamo' if dynamo else 'legacy'}: outputs differ from the original model's by {diff:.2e}")
         except Exception as e: errors.append(f"{'dynamo' if dynamo else 'legacy'}: {type(e).__name__}: {str(e)[:300]}")
     raise RuntimeError(f"ONNX export failed (atol={atol}, rtol={rtol}): " + ' | '.join(errors))
 
+# %% ../nbs/08_deploy.ipynb #3d75aa02
 def check_torch_export(model_or_learner, size:int=64, fuse:bool=True, atol:float=1e-4, rtol:float|None=None):
-    "`torch.export.export` the (fused) model with a dynamic batch; returns the `ExportedProgram` after checking it against the original"
+    "`torch.export.export` the (fused) model with a dynamic batch; the `ExportedProgram`, checked against the model"
     model = _model_of(model_or_learner)
     exported = fuse_for_inference(model, channels_last=False, check_size=None) if fuse else copy.deepcopy(model).eval()
     x = _example(model, size)

@@ -237,7 +237,7 @@ def _cfg(name:str) -> dict:
 def _build_res2net(variant:str, pretrained:bool, weights, cache_dir, **kwargs) -> Res2Net:
     row = variant_row(variant)
     model = Res2Net(**{**row['arch'], **kwargs})
-    if weights is not None: load_weights(model, read_weights(weights), source=f'weights file {weights}')
+    if weights is not None: load_weights(model, read_weights(weights), source=f'weights file {weights}', name=variant)
     elif pretrained:
         load_weights(model, fetch_imagenet_weights(row['imagenet'], cache_dir), source=f"{row['imagenet']} ImageNet weights")
     return model

@@ -39,14 +39,14 @@ def stage_info(body:nn.Sequential, n_in:int|None=None, size:int=64):
 def _first_conv(m:nn.Module) -> nn.Conv2d: return next(c for c in m.modules() if isinstance(c, nn.Conv2d))
 
 class Res2NetSegmenter(nn.Module):
-    "A body and a head over its stage features; pads the input to a multiple of `pad_to` and crops the logits to the input size"
+    "A body and a head over its stage features; pads the input to a multiple of `pad_to`, crops the logits to its size"
     pad_to, check_finite = 32, False
     def __init__(self, body:nn.Sequential, head:nn.Module, output_stride:int):
         super().__init__()
         self.body, self.head, self.output_stride = body, head, output_stride
 
     def check_input(self, x):
-        "Raise a `ValueError` naming the fix if `x` is not a batch of images this network can take (set `check_finite` to refuse NaN and Inf)"
+        "Raise naming the fix if `x` is not a batch of images this network takes (`check_finite`: refuse NaN and Inf)"
         check_images(x, type(self).__name__, _first_conv(self.body).in_channels, self.output_stride,
                      "Resize them (e.g. item_tfms=Resize(64)) or use a smaller output_stride.", self.check_finite)
 
@@ -72,8 +72,9 @@ def _conv_gn_relu(ni:int, nf:int, groups:int=32):
     return [nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.GroupNorm(math.gcd(groups, nf), nf), nn.ReLU(inplace=True)]
 
 class FPNSemanticHead(nn.Module):
-    "Panoptic-FPN's semantic branch over torchvision's FPN: every level brought to the finest stride, summed, classified"
-    def __init__(self, in_channels:list, strides:list, n_out:int, fpn_channels:int=256, seg_channels:int=128, dropout:float=0.):
+    "Panoptic-FPN's semantic branch over torchvision's FPN: each level brought to the finest stride, summed, classified"
+    def __init__(self, in_channels:list, strides:list, n_out:int, fpn_channels:int=256, seg_channels:int=128,
+                 dropout:float=0.):
         super().__init__()
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels)
         self.scale_heads = nn.ModuleList()
@@ -95,15 +96,17 @@ class FPNSegmentation(Res2NetSegmenter):
     "A Res2Net body with the Panoptic-FPN semantic head; logits at the input size"
     def __init__(self, body:nn.Sequential, n_out:int, fpn_channels:int=256, seg_channels:int=128, dropout:float=0.1):
         chans, strides = stage_info(body)
-        super().__init__(body, FPNSemanticHead(chans, strides, n_out, fpn_channels, seg_channels, dropout), max(strides))
+        head = FPNSemanticHead(chans, strides, n_out, fpn_channels, seg_channels, dropout)
+        super().__init__(body, head, max(strides))
 
 # %% ../nbs/06_segmentation.ipynb #a22ac2d9
 def _conv_bn_relu(ni:int, nf:int, ks:int=3):
     return [nn.Conv2d(ni, nf, ks, padding=ks//2, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
 
 class DeepLabV3PlusHead(nn.Module):
-    "ASPP on the last features, upsampled to the first features' stride, joined with them (reduced), two 3×3 convs, classifier"
-    def __init__(self, in_channels:list, n_out:int, atrous_rates=(6, 12, 18), aspp_channels:int=256, skip_channels:int=48):
+    "ASPP on the last features, upsampled to the first features' stride and joined with them, two 3×3 convs, classifier"
+    def __init__(self, in_channels:list, n_out:int, atrous_rates=(6, 12, 18), aspp_channels:int=256,
+                 skip_channels:int=48):
         super().__init__()
         self.aspp = ASPP(in_channels[-1], list(atrous_rates), aspp_channels)
         self.skip = nn.Sequential(*_conv_bn_relu(in_channels[0], skip_channels, 1))
@@ -113,8 +116,8 @@ class DeepLabV3PlusHead(nn.Module):
     def forward(self, feats:list):
         low, high = feats[0], feats[-1]
         if self.training and high.shape[0] == 1:
-            raise ValueError("DeepLabV3+ cannot train on a batch of one image (its ASPP pooling branch has BatchNorm over one "
-                             "value per image): use a batch size of 2 or more, or head='fpn'.")
+            raise ValueError("DeepLabV3+ cannot train on a batch of one image (its ASPP pooling branch has BatchNorm "
+                             "over one value per image): use a batch size of 2 or more, or head='fpn'.")
         x = F.interpolate(self.aspp(high), size=low.shape[-2:], mode='bilinear', align_corners=False)
         return self.decoder(torch.cat([x, self.skip(low)], 1))
 
@@ -135,16 +138,18 @@ class SegmentationLoss(nn.Module):
         self.ignore_index, self.dice_weight, self.smooth, self.reduction = ignore_index, dice_weight, smooth, reduction
 
     def forward(self, pred, targ):
-        pred, targ = torch.as_tensor(pred), torch.as_tensor(targ).long()  # plain tensors: fastai's subclasses slow every op
+        # plain tensors: fastai's subclasses slow every op
+        pred, targ = torch.as_tensor(pred), torch.as_tensor(targ).long()
         if targ.shape != (pred.shape[0], *pred.shape[2:]):
-            raise ValueError(f"Masks of shape {tuple(targ.shape)} do not match predictions {tuple(pred.shape)}: masks must be "
-                             "(N, H, W) class ids at the image's size (MaskBlock in fastai).")
+            raise ValueError(f"Masks of shape {tuple(targ.shape)} do not match predictions {tuple(pred.shape)}: "
+                             "masks must be (N, H, W) class ids at the image's size (MaskBlock in fastai).")
         n = pred.shape[1]
         valid = targ != self.ignore_index if self.ignore_index is not None else torch.ones_like(targ, dtype=torch.bool)
         if ((targ < 0) | (targ >= n))[valid].any():
             bad = torch.unique(targ[valid & ((targ < 0) | (targ >= n))]).tolist()
-            raise ValueError(f"Masks hold class ids {bad[:5]} but the model predicts {n} classes (0…{n-1}). Fix the masks, give "
-                             f"MaskBlock all codes, or mark unknown pixels with ignore_index={self.ignore_index}.")
+            raise ValueError(f"Masks hold class ids {bad[:5]} but the model predicts {n} classes (0…{n-1}). Fix the "
+                             "masks, give MaskBlock all codes, or mark unknown pixels with "
+                             f"ignore_index={self.ignore_index}.")
         safe = torch.where(valid, targ, 0)
         loss = F.cross_entropy(pred.float(), safe, reduction='none') * valid
         if self.dice_weight:
@@ -204,11 +209,13 @@ DEFAULT_OUTPUT_STRIDE = {'unet': 32, 'fpn': 32, 'deeplabv3plus': 16}
 
 def create_seg_model(arch, n_out:int, head:str='unet', img_size=(64, 64), pretrained:bool=False, weights=None,
                      output_stride:int|None=None, n_in:int=3, **head_kwargs) -> nn.Module:
-    "A Res2Net body (dilated to `output_stride`) with `head` ('unet', 'fpn' or 'deeplabv3plus') predicting `n_out` classes"
+    "A Res2Net body (dilated to `output_stride`) with `head` ('unet', 'fpn' or 'deeplabv3plus') for `n_out` classes"
     if head not in SEG_HEADS: raise ValueError(f"Unknown head {head!r}: use one of {', '.join(SEG_HEADS)}.")
-    if not (isinstance(n_out, int) and n_out >= 1): raise ValueError(f"n_out must be the number of classes (an integer >= 1), got {n_out!r}.")
+    if not (isinstance(n_out, int) and n_out >= 1):
+        raise ValueError(f"n_out must be the number of classes (an integer >= 1), got {n_out!r}.")
     arch = _res2net_factory(arch)
-    model = _build_res2net(arch, pretrained=pretrained, weights=weights, output_stride=output_stride or DEFAULT_OUTPUT_STRIDE[head])
+    model = _build_res2net(arch, pretrained=pretrained, weights=weights,
+                           output_stride=output_stride or DEFAULT_OUTPUT_STRIDE[head])
     body = create_body(model, n_in, pretrained, cut=model_meta.get(arch, _default_meta)['cut'] or -4)
     if head == 'unet': return DynamicUnet(body, n_out, tuple(img_size), **head_kwargs)
     return SEG_HEADS[head](body, n_out, **head_kwargs)
@@ -218,28 +225,33 @@ def res2net_seg_split(m:nn.Module):
     if isinstance(m, DynamicUnet): return res2net_split(m)
     return L(m.body[:-4], m.body[-4:], m.head).map(params)
 
+# %% ../nbs/06_segmentation.ipynb #ff0a064d
 _LEARNER_ARGS = set(inspect.signature(Learner).parameters) - {'dls', 'model'}
 
 def check_compilable(head:str):
-    "Raise `compile_learner`'s `ValueError` before any work where `compile=True` cannot work: fastai's U-Net (the FPN and DeepLabV3+ heads compile)"
+    "Raise `compile_learner`'s error, before any work, for a head that cannot compile: fastai's U-Net"
     if head == 'unet': raise ValueError(_UNET_NOT_COMPILABLE)
 
 def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|None=RECIPE['mix'], pretrained:bool=False,
-                            output_stride:int|None=None, loss_func=None, dice_weight:float=0., ignore_index:int|None=255,
-                            metrics=None, opt_func=None, cbs=None, precision:str|None='auto', channels_last:bool|None=None,
-                            weights=None, n_out:int|None=None, n_in:int=3, normalize:bool=True, compile:bool=False, **kwargs) -> Learner:
+                            output_stride:int|None=None, loss_func=None, dice_weight:float=0.,
+                            ignore_index:int|None=255, metrics=None, opt_func=None, cbs=None,
+                            precision:str|None='auto', channels_last:bool|None=None, weights=None, n_out:int|None=None,
+                            n_in:int=3, normalize:bool=True, compile:bool=False, **kwargs) -> Learner:
     "A segmentation Learner: Res2Net body, `head`, the recipe; train it with `learn.fit_recipe(epochs)`"
     if compile: check_compilable(head)
     learner_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEARNER_ARGS}
     n_out = n_out or get_c(dls)
-    if not n_out: raise ValueError("The number of classes is unknown: build the DataLoaders with MaskBlock(codes) or pass n_out.")
+    if not n_out:
+        raise ValueError("The number of classes is unknown: build the DataLoaders with MaskBlock(codes) or pass n_out.")
     pretrained = pretrained or weights is not None
     if normalize: _add_norm(dls, model_meta.get(_arch(arch), _default_meta), pretrained, n_in)
     img_size = dls.one_batch()[0].shape[-2:] if head == 'unet' else (64, 64)
     model = create_seg_model(arch, n_out, head, img_size, pretrained, weights, output_stride, n_in, **kwargs)
+    metrics = [MeanDice(ignore_index), MeanIoU(ignore_index)] if metrics is None else metrics
     learn = Learner(dls, model, loss_func=loss_func or SegmentationLoss(ignore_index, dice_weight),
-                    opt_func=opt_func or RECIPE['opt_func'], metrics=[MeanDice(ignore_index), MeanIoU(ignore_index)] if metrics is None else metrics,
+                    opt_func=opt_func or RECIPE['opt_func'], metrics=metrics,
                     cbs=_with_mixer(cbs, mix), splitter=res2net_seg_split, **learner_kw)
     if pretrained: learn.freeze()
     learn.arch, learn.head, learn.output_stride = arch, head, output_stride or DEFAULT_OUTPUT_STRIDE[head]
-    return _accelerate(learn, precision, channels_last, cpu_channels_last=False, compile=compile)  # a U-Net step ran 6 % slower in channels_last on a CPU
+    # not channels_last on a CPU: a U-Net step ran 6 % slower there
+    return _accelerate(learn, precision, channels_last, cpu_channels_last=False, compile=compile)

@@ -23,8 +23,9 @@ __all__ = ['V1B_STEM', 'IMAGENET_CLASSES', 'read_weights', 'hub_reachable', 'hub
 def read_weights(path, sha256:str|None=None) -> dict:
     "State dict from a `.safetensors` or `.pth` file, read without running code from it"
     if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"weights= takes the path of a .safetensors or .pth file, got a {type(path).__name__}: pass pretrained=True "
-                        "for ImageNet weights, or load a state dict you hold with load_weights(model, state_dict).")
+        raise TypeError(f"weights= takes the path of a .safetensors or .pth file, got a {type(path).__name__}: "
+                        "pass pretrained=True for ImageNet weights, or load a state dict you hold with "
+                        "load_weights(model, state_dict).")
     if sha256 is not None and not (sha256 and all(c in '0123456789abcdefABCDEF' for c in sha256)):
         raise ValueError(f"sha256 must be a hex digest (or a prefix of one), got {sha256!r}.")
     path = Path(path).expanduser()
@@ -73,10 +74,10 @@ def fetch_imagenet_weights(timm_name:str, cache_dir=None) -> dict:
         with (nullcontext() if hub_reachable() else hub_offline()):
             return timm.create_model(timm_name, pretrained=True, cache_dir=cache_dir).state_dict()
     except Exception as e:
-        raise WeightsUnavailableError(f"Could not fetch the ImageNet weights of {timm_name} through timm (hub id "
-                           f"timm/{timm_name}.in1k): {type(e).__name__}: {e}. Offline (Kaggle without internet)? "
-                           f"Attach the checkpoint file and pass weights='path/to/{timm_name}.safetensors', "
-                           "or use pretrained=False for random init.") from None
+        raise WeightsUnavailableError(
+            f"Could not fetch the ImageNet weights of {timm_name} (hub id timm/{timm_name}.in1k): "
+            f"{type(e).__name__}: {e}. Offline (Kaggle without internet), attach the checkpoint file and pass "
+            f"weights='path/to/{timm_name}.safetensors', or use pretrained=False for random init.") from None
 
 # %% ../nbs/01_weights.ipynb #34bacf7e
 def fold_bn(weight:torch.Tensor, bias:torch.Tensor|None, bn:dict, eps:float=1e-5):
@@ -91,7 +92,8 @@ def identity_bn_state(n:int, eps:float=1e-5) -> dict:
             'running_var': torch.full((n,), 1-eps), 'num_batches_tracked': torch.tensor(0)}
 
 # %% ../nbs/01_weights.ipynb #fc280e8c
-def _sub(sd:dict, prefix:str) -> dict: return {k[len(prefix)+1:]: v for k, v in sd.items() if k.startswith(prefix+'.')}
+def _sub(sd:dict, prefix:str) -> dict:
+    return {k[len(prefix)+1:]: v for k, v in sd.items() if k.startswith(prefix+'.')}
 
 # (conv, BN) pairs of the v1b deep stem, in order
 V1B_STEM = (('conv1.0', 'conv1.1'), ('conv1.3', 'conv1.4'), ('conv1.6', 'bn1'))
@@ -108,7 +110,8 @@ def transfer_v1b_to_plus(sd:dict, model:nn.Module) -> dict:
     out, used = {}, set()
     def put(src_conv, src_bn, dst_conv, dst_bn):
         bn = _sub(sd, src_bn)
-        if f'{src_conv}.weight' not in sd or not bn: return  # another variant's file: the key check names what is missing
+        # another variant's file: load_weights' key check names what is missing
+        if f'{src_conv}.weight' not in sd or not bn: return
         w, b = sd[f'{src_conv}.weight'], sd.get(f'{src_conv}.bias')
         used.update({f'{src_conv}.weight', f'{src_conv}.bias'} | {f'{src_bn}.{k}' for k in bn})
         if f'{dst_conv}.bias' in target:  # act → BN: fold the BN into the conv, start the new BN as identity
@@ -121,12 +124,14 @@ def transfer_v1b_to_plus(sd:dict, model:nn.Module) -> dict:
     stem = [n for n in ('stem1', 'stem2', 'stem3') if f'{n}.0.weight' in target]
     if len(stem) != 3: raise ValueError("transfer_v1b_to_plus needs a Res2NetPlus model (stem1…stem3 ConvLayers).")
     for (src_conv, src_bn), dst in zip(V1B_STEM, stem):
-        bn_idx = 1 if f'{dst}.1' in bns else 2  # conv, BN, act or conv, act, BN (an act with weights, PReLU, is not the BN)
+        # conv, BN, act or conv, act, BN (an act with weights, PReLU, is not the BN)
+        bn_idx = 1 if f'{dst}.1' in bns else 2
         put(src_conv, src_bn, f'{dst}.0', f'{dst}.{bn_idx}')
     for name, block in model.named_modules():
         if isinstance(block, Bottle2neck):
             put(f'{name}.conv1', f'{name}.bn1', f'{name}.conv1', f'{name}.bn1')
-            for k in range(len(block.convs)): put(f'{name}.convs.{k}', f'{name}.bns.{k}', f'{name}.convs.{k}', f'{name}.bns.{k}')
+            for k in range(len(block.convs)):
+                put(f'{name}.convs.{k}', f'{name}.bns.{k}', f'{name}.convs.{k}', f'{name}.bns.{k}')
     for k, v in sd.items():
         if k not in used and k not in out: out[k] = v
     return out
@@ -140,24 +145,31 @@ def _describe(keys, n=8) -> str:
     keys = sorted(keys)
     return ', '.join(keys[:n]) + (f' … ({len(keys)} in all)' if len(keys) > n else '')
 
+def _model_name(model:nn.Module) -> str:
+    "The variant `model` was built as (timm's `pretrained_cfg`), else its class name"
+    cfg = getattr(model, 'pretrained_cfg', None)
+    return (cfg.get('architecture') if isinstance(cfg, dict) else None) or type(model).__name__
+
 # %% ../nbs/01_weights.ipynb #e699ea3c
 IMAGENET_CLASSES = 1000
 
-def load_weights(model:nn.Module, state_dict:dict, source:str='the checkpoint') -> nn.Module:
-    "Load `state_dict` into `model`: v1b→Plus transfer, input-channel and ImageNet-head adaptation, clear errors"
-    sd = dict(state_dict)
+def load_weights(model:nn.Module, state_dict:dict, source:str='the checkpoint', name:str|None=None) -> nn.Module:
+    "Load `state_dict` into `model` (variant `name`): v1b→Plus transfer, input-channel and ImageNet-head adaptation"
+    sd, name = dict(state_dict), name or _model_name(model)
     target = model.state_dict()
     if is_v1b_state_dict(sd) and 'stem1.0.weight' in target: sd = transfer_v1b_to_plus(sd, model)
     first = first_conv_name(model) + '.weight'
     if first in sd and first in target and sd[first].shape[1] != target[first].shape[1]:
         if sd[first].shape[1] != 3:
-            raise ValueError(f"{source} was trained on {sd[first].shape[1]}-channel input but the model takes "
-                             f"{target[first].shape[1]} channels: create the model with in_chans={sd[first].shape[1]}.")
+            raise ValueError(f"{source} was trained on {sd[first].shape[1]}-channel input but "
+                             f"{name} takes {target[first].shape[1]} channels: "
+                             f"create the model with in_chans={sd[first].shape[1]}.")
         sd[first] = adapt_input_conv(target[first].shape[1], sd[first])
     head = ('fc.weight', 'fc.bias')
     if 'fc.weight' in sd and 'fc.weight' not in target:  # the model has no classifier (num_classes=0)
         for k in head: sd.pop(k, None)
-    elif 'fc.weight' in sd and sd['fc.weight'].shape != target['fc.weight'].shape and len(sd['fc.weight']) == IMAGENET_CLASSES:
+    elif ('fc.weight' in sd and sd['fc.weight'].shape != target['fc.weight'].shape
+          and len(sd['fc.weight']) == IMAGENET_CLASSES):
         sd.update({k: target[k] for k in head if k in target})  # ImageNet head, new task: keep the fresh head
     # older and converted checkpoints lack BatchNorm's step counter, which torch's own loading fills in
     sd.update({k: v for k, v in target.items() if k.endswith('.num_batches_tracked') and k not in sd})
@@ -165,10 +177,12 @@ def load_weights(model:nn.Module, state_dict:dict, source:str='the checkpoint') 
     unexpected = set(sd) - set(target)
     mismatched = {k for k in set(sd) & set(target) if sd[k].shape != target[k].shape}
     if missing or unexpected or mismatched:
-        msg = [f"{source} does not fit {type(model).__name__} (is it another variant or another number of classes?):"]
+        msg = [f"{source} does not fit {name} (is it another variant or another number of classes?):"]
         if missing: msg.append(f"  missing keys: {_describe(missing)}")
         if unexpected: msg.append(f"  unexpected keys: {_describe(unexpected)}")
-        if mismatched: msg.append("  shape mismatches: " + _describe(f'{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}' for k in mismatched))
+        if mismatched:
+            shapes = (f'{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}' for k in mismatched)
+            msg.append(f"  shape mismatches: {_describe(shapes)}")
         msg.append("Fix: pick the variant the file was saved from (and n_out= its number of classes), or use "
                    "pretrained=False / weights=None for random init.")
         raise ValueError('\n'.join(msg))

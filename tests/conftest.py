@@ -12,14 +12,14 @@ except OSError: _libc = None
 
 @pytest.fixture(autouse=True)
 def release_memory():
-    """A Learner is a reference cycle (its callbacks point back at it): collect it after each test and hand freed pages back,
-    or a file of U-Net tests holds several 339 M-parameter models with their optimiser state at once"""
+    """A Learner is a reference cycle (its callbacks point back at it): collect it after each test and hand freed
+    pages back, or a file of U-Net tests holds several 339 M-parameter models with their optimiser state at once"""
     yield
     gc.collect()
     if _libc is not None: _libc.malloc_trim(0)
 
 def tiny_plus(pretrained=False, **kwargs):
-    "Res2NetPlus with one block per stage and 8-channel splits: a graph torch.compile finishes in about a minute on a CPU"
+    "Res2NetPlus with one block per stage and 8-channel splits: torch.compile finishes it in about a minute on a CPU"
     from res2netplus.models import res2netplus50
     return res2netplus50(pretrained, layers=(1, 1, 1, 1), base_width=8, **kwargs)
 

@@ -12,7 +12,8 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat
 from fastai.vision.core import PILImage, PILMask, TensorBBox
 from fastai.torch_core import TensorMultiCategory
-from res2netplus.augment import MixUp, CutMix, MixUpCutMix, AlbumentationsTransform, res2netplus_augs, BOX_PARAMS, mix_callback
+from res2netplus.augment import (MixUp, CutMix, MixUpCutMix, AlbumentationsTransform, res2netplus_augs, BOX_PARAMS,
+                                 mix_callback)
 
 class Grab(Callback):
     "Keep the first training batch as the model sees it (after mixing), then stop"
@@ -27,7 +28,8 @@ def tiny_learner(xs, ys, loss_func, n_out, dense=False, bs=8):
     ds = list(zip(xs, ys))
     dls = DataLoaders.from_dsets(ds, ds, bs=bs, shuffle=False, num_workers=0)
     if dense: model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, n_out, 3, padding=1))
-    else: model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, n_out))
+    else: model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                nn.Linear(256, n_out))
     return Learner(dls, model, loss_func=loss_func, lr=3e-3)
 
 def index_images(n=8, h=12, w=10):
@@ -42,7 +44,8 @@ class Peek(Callback):
     order = 10
     def __init__(self, mixer): self.mixer, self.seen = mixer, {}
     def before_batch(self):
-        if self.training and not self.seen: self.seen.update(lam=self.mixer.lam.clone(), yp=self.mixer.perm_yb[0].clone())
+        if self.training and not self.seen:
+            self.seen.update(lam=self.mixer.lam.clone(), yp=self.mixer.perm_yb[0].clone())
 
 def fit_one_batch(learn, mixer):
     peek, g = Peek(mixer), Grab()
@@ -55,11 +58,13 @@ def test_index_targets_loss_is_lambda_weighted():
     idx = torch.arange(8.)
     for mixer in (MixUp, CutMix):
         for lf, lf_none in ((CrossEntropyLossFlat(), CrossEntropyLossFlat(reduction='none')),
-                            (LabelSmoothingCrossEntropyFlat(eps=0.1), LabelSmoothingCrossEntropyFlat(eps=0.1, reduction='none'))):
+                            (LabelSmoothingCrossEntropyFlat(eps=0.1),
+                             LabelSmoothingCrossEntropyFlat(eps=0.1, reduction='none'))):
             learn = tiny_learner(xs, ys, lf, 3)
             x, y, loss, lam, yp = fit_one_batch(learn, mixer())
             assert torch.equal(y, ys)  # class indices are not edited
-            if mixer is CutMix:  # λ is the share of pixels still showing the sample's own index (unless paired with itself)
+            # CutMix: λ is the share of pixels still showing the sample's own index (unless paired with itself)
+            if mixer is CutMix:
                 own = (x[:, 0] == idx.view(8, 1, 1)).float().flatten(1).mean(1)
                 torch.testing.assert_close(own[own < 1], lam[own < 1])
                 assert (own < 1).sum() >= 4
@@ -69,7 +74,8 @@ def test_index_targets_loss_is_lambda_weighted():
                 torch.testing.assert_close(j, j.round(), atol=1e-3, rtol=0)
                 assert torch.equal(ys[j.round().long()], yp[ok])
             with torch.no_grad(): pred = learn.model(x)
-            torch.testing.assert_close(loss, (lam*lf_none(pred, ys) + (1 - lam)*lf_none(pred, yp)).mean(), atol=1e-5, rtol=1e-5)
+            expected = (lam*lf_none(pred, ys) + (1 - lam)*lf_none(pred, yp)).mean()
+            torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
             assert learn.loss_func is lf  # the user's loss is back
 
 def test_mixup_lambda_and_soft_targets():
@@ -84,7 +90,7 @@ def test_mixup_lambda_and_soft_targets():
     with torch.no_grad(): torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(learn.model(x), y))
 
 def test_integer_multi_hot_targets_are_blended():
-    "BCEWithLogitsLossFlat takes 0/1 integer targets; under mixing they were weighed as class indices and refused, naming the wrong fix"
+    "BCEWithLogitsLossFlat takes 0/1 integer targets; mixing weighed them as class indices, refused with a wrong fix"
     torch.manual_seed(3)
     xs, multi_hot = torch.rand(8, 3, 8, 8), (torch.rand(8, 5) > .5).long()
     learn = tiny_learner(xs, multi_hot, BCEWithLogitsLossFlat(), 5)
@@ -182,7 +188,7 @@ def test_mixer_alpha_must_be_positive():
     with pytest.raises(ValueError, match='alpha > 0'): learn.fit(1, cbs=[mixer])
 
 def test_an_interrupted_fit_leaves_a_loss_that_predicts():
-    "Ctrl-C (not a fastai cancel) skips the mixer's restore: the loss in place still gives the user's activation and decodes"
+    "Ctrl-C (not a fastai cancel) skips the mixer's restore: the loss left in place still gives the user's decodes"
     xs, ys = torch.rand(8, 3, 8, 8), torch.arange(8) % 2
     lf = CrossEntropyLossFlat()
     learn = tiny_learner(xs, ys, lf, 2)
@@ -198,7 +204,8 @@ def test_an_interrupted_fit_leaves_a_loss_that_predicts():
 def test_fastai_mixers_and_ours_together_are_refused():
     from fastai.callback.mixup import MixUp as FastaiMixUp
     learn = tiny_learner(torch.rand(8, 3, 8, 8), torch.arange(8) % 2, CrossEntropyLossFlat(), 2)
-    with pytest.raises(ValueError, match="fastai's MixUp and res2netplus's CutMix.*mix=None"): learn.fit(1, cbs=[FastaiMixUp(), CutMix()])
+    with pytest.raises(ValueError, match="fastai's MixUp and res2netplus's CutMix.*mix=None"):
+        learn.fit(1, cbs=[FastaiMixUp(), CutMix()])
 
 # --- albumentations bridge ---------------------------------------------------------------------------------------
 
@@ -217,7 +224,8 @@ def rect_image(hw, y0, x0, rh, rw):
     return img, (x0, y0, x1, y1)
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rect=rect_items, augs=st.lists(st.sampled_from(range(len(GEOMETRY))), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+@given(rect=rect_items, augs=st.lists(st.sampled_from(range(len(GEOMETRY))), min_size=1, max_size=3),
+       seed=st.integers(0, 2**16))
 def test_masks_stay_aligned_under_random_geometry(rect, augs, seed):
     img, _ = rect_image(*rect)
     mask = (img[..., 0] > 0).astype(np.uint8)
@@ -230,11 +238,14 @@ def test_masks_stay_aligned_under_random_geometry(rect, augs, seed):
 BOX_GEOMETRY = GEOMETRY[:6] + [GEOMETRY[7]]  # rotations by other angles loosen a box, by design
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rect=rect_items, augs=st.lists(st.sampled_from(range(len(BOX_GEOMETRY))), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+@given(rect=rect_items, augs=st.lists(st.sampled_from(range(len(BOX_GEOMETRY))), min_size=1, max_size=3),
+       seed=st.integers(0, 2**16))
 def test_boxes_stay_on_their_object_under_random_geometry(rect, augs, seed):
     img, box = rect_image(*rect)
-    tfm = AlbumentationsTransform(A.Compose([BOX_GEOMETRY[i] for i in augs], seed=seed, bbox_params=A.BboxParams(**BOX_PARAMS)))
-    item = (PILImage.create(img), TensorBBox(torch.tensor([box], dtype=torch.float32)), TensorMultiCategory(torch.tensor([7])))
+    tfm = AlbumentationsTransform(A.Compose([BOX_GEOMETRY[i] for i in augs], seed=seed,
+                                            bbox_params=A.BboxParams(**BOX_PARAMS)))
+    item = (PILImage.create(img), TensorBBox(torch.tensor([box], dtype=torch.float32)),
+            TensorMultiCategory(torch.tensor([7])))
     out_img, boxes, labels = tfm(item, split_idx=0)
     a = np.asarray(out_img)[..., 0] > 127
     assert len(boxes) == len(labels)
@@ -246,9 +257,11 @@ def test_boxes_stay_on_their_object_under_random_geometry(rect, augs, seed):
     if len(ys) == 0:  # nearest-neighbour downscaling can skip a sliver entirely; its box must then be a sliver too
         assert min(boxes[0, 2] - boxes[0, 0], boxes[0, 3] - boxes[0, 1]) < 2
         return
-    # nearest-neighbour resampling rounds the object's edges to whole pixels, the box keeps them exact: allow a pixel of the
-    # input magnified by the resize (crops enlarge up to ~5x here); a box left unmoved by a flip would be off by far more
-    np.testing.assert_allclose(boxes[0].numpy(), [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.01 + 0.1*max(a.shape))
+    # nearest-neighbour resampling rounds the object's edges to whole pixels, the box keeps them exact: allow a pixel
+    # of the input magnified by the resize (crops enlarge up to ~5x here); a box left unmoved by a flip would be off by
+    # far more
+    np.testing.assert_allclose(boxes[0].numpy(), [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
+                               atol=1.01 + 0.1*max(a.shape))
 
 def test_transform_runs_on_training_split_only_by_default():
     img = PILImage.create(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
@@ -259,23 +272,27 @@ def test_transform_runs_on_training_split_only_by_default():
     assert np.array_equal(np.asarray(both((img,), split_idx=1)[0]), np.asarray(img)[:, ::-1])
     pickle.loads(pickle.dumps(flip))
     with pytest.raises(ValueError, match='bbox_params'):
-        AlbumentationsTransform(A.Compose([A.HorizontalFlip(p=1)]))((img, TensorBBox(torch.zeros(1, 4)), TensorMultiCategory(torch.tensor([1]))), split_idx=0)
+        boxed = (img, TensorBBox(torch.zeros(1, 4)), TensorMultiCategory(torch.tensor([1])))
+        AlbumentationsTransform(A.Compose([A.HorizontalFlip(p=1)]))(boxed, split_idx=0)
     with pytest.raises(TypeError, match='albumentations'): AlbumentationsTransform(lambda x: x)
 
 def _to_float(image, **kwargs): return image.astype(np.float32) / 255
 
 def test_pipelines_that_hand_on_floats_are_refused():
-    """A.Normalize in an item pipeline failed deep inside PIL (fastai) or was divided by 255 a second time (detection, silent
-    damage): refused when built, naming fastai's Normalize; a float image from any other transform is refused when made"""
+    """A.Normalize in an item pipeline failed deep inside PIL (fastai) or was divided by 255 a second time (detection,
+    silent damage): refused when built, naming fastai's Normalize; a float image from any other transform when made"""
     from res2netplus.detection import DetectionAugment
-    for bad in ([A.Normalize()], A.Compose([A.OneOf([A.HorizontalFlip(), A.ToFloat()])]), [A.HorizontalFlip(), A.ToTensorV2()]):
+    fix = r'Remove (Normalize|ToFloat|ToTensorV2) .*uint8.*Normalize\.from_stats'
+    for bad in ([A.Normalize()], A.Compose([A.OneOf([A.HorizontalFlip(), A.ToFloat()])]),
+                [A.HorizontalFlip(), A.ToTensorV2()]):
         for cls in (AlbumentationsTransform, DetectionAugment):
-            with pytest.raises(ValueError, match=r'Remove (Normalize|ToFloat|ToTensorV2) .*uint8.*Normalize\.from_stats'): cls(bad)
+            with pytest.raises(ValueError, match=fix): cls(bad)
     img = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match='turned a uint8 image into float32'):
         AlbumentationsTransform([A.Lambda(image=_to_float)])((PILImage.create(img),), split_idx=0)
     no_boxes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    with pytest.raises(ValueError, match='turned a uint8 image into float32'): DetectionAugment([A.Lambda(image=_to_float)])(img, *no_boxes)
+    with pytest.raises(ValueError, match='turned a uint8 image into float32'):
+        DetectionAugment([A.Lambda(image=_to_float)])(img, *no_boxes)
     assert DetectionAugment([A.HorizontalFlip(p=1)])(img, *no_boxes)[0].dtype == np.uint8
 
 def test_detection_datablock_keeps_boxes_on_objects(tmp_path):

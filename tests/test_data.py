@@ -1,8 +1,9 @@
-"Classification data: the Fashion-MNIST readers on IDX files the tests write, the cache folders, and the image-folder check"
+"Classification data: the Fashion-MNIST readers on IDX files the tests write, the cache folders, the image-folder check"
 import gzip, json, shutil
 import numpy as np, pytest
 from PIL import Image
-from res2netplus.data import read_idx, load_fashion_mnist, fashion_mnist_subset, fashion_mnist_sample, check_image_folder, default_cache_dir
+from res2netplus.data import (read_idx, load_fashion_mnist, fashion_mnist_subset, fashion_mnist_sample,
+                              check_image_folder, default_cache_dir)
 
 def write_idx(path, array:np.ndarray):
     header = bytes([0, 0, 8, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
@@ -38,13 +39,15 @@ def test_damaged_idx_files_are_named(idx_root):
     images = idx_root/'train-images-idx3-ubyte.gz'
     raw = images.read_bytes()
     images.write_bytes(raw[:len(raw) // 2])
-    with pytest.raises(ValueError, match=r'train-images-idx3-ubyte.gz is damaged .*install or download it again'): load_fashion_mnist(idx_root)
+    with pytest.raises(ValueError, match=r'train-images-idx3-ubyte.gz is damaged .*install or download it again'):
+        load_fashion_mnist(idx_root)
     plain = idx_root/'short-idx3-ubyte'
     write_idx(plain, np.zeros((3, 28, 28)))
     plain.write_bytes(plain.read_bytes()[:-5])
     with pytest.raises(ValueError, match=r'header says \(3, 28, 28\), it holds 2347 bytes'): read_idx(plain)
     write_idx(images, np.zeros((29, 28, 28)))
-    with pytest.raises(ValueError, match=r'holds 29 images but .*train-labels-idx1-ubyte.gz 30 labels'): load_fashion_mnist(idx_root)
+    with pytest.raises(ValueError, match=r'holds 29 images but .*train-labels-idx1-ubyte.gz 30 labels'):
+        load_fashion_mnist(idx_root)
 
 def test_cache_paths_expand_the_home_folder(tmp_path, monkeypatch):
     "RES2NETPLUS_HOME='~/…' wrote a literal '~' folder into the working directory"
@@ -56,7 +59,7 @@ def test_cache_paths_expand_the_home_folder(tmp_path, monkeypatch):
     assert not (tmp_path/'~').exists()
 
 def test_image_folder_check_skips_hidden_files_and_folders(image_folder, tmp_path):
-    "fastai's get_image_files skips them; the check refused .ipynb_checkpoints as an empty class and a macOS ._ file as damaged"
+    "As fastai's get_image_files; the check refused .ipynb_checkpoints as an empty class, a macOS ._ file as damaged"
     data = tmp_path/'data'
     shutil.copytree(image_folder, data)
     classes = check_image_folder(data)

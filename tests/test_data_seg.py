@@ -56,7 +56,8 @@ def bad(shapes, tmp_path):
 
 def test_missing_parts(bad):
     (bad/'masks'/'0003.png').unlink(); (bad/'masks'/'0007.png').unlink()
-    with pytest.raises(ValueError, match=r'2 of 12 image\(s\) have no mask .*0003.png, 0007.png'): check_segmentation_folder(bad)
+    with pytest.raises(ValueError, match=r'2 of 12 image\(s\) have no mask .*0003.png, 0007.png'):
+        check_segmentation_folder(bad)
     shutil.rmtree(bad/'masks')
     with pytest.raises(ValueError, match='masks is missing'): check_segmentation_folder(bad)
     (bad/'codes.txt').unlink()
@@ -72,37 +73,44 @@ def test_codes(bad):
 
 def test_class_ids_beyond_codes(bad):
     (bad/'codes.txt').write_text('background\ncircle\n')  # squares (2) and triangles (3) are not named
-    with pytest.raises(ValueError, match=r'hold class ids that .*codes.txt does not name \(it names 2: ids 0–1\)') as e: check_segmentation_folder(bad)
-    assert str(bad/'masks') in str(e.value) and 'Add the missing class names' in str(e.value) and 'set those pixels to 255' in str(e.value)
+    with pytest.raises(ValueError, match=r'hold class ids that .*codes.txt does not name \(it names 2: ids 0–1\)') as e:
+        check_segmentation_folder(bad)
+    assert str(bad/'masks') in str(e.value)
+    assert 'Add the missing class names' in str(e.value) and 'set those pixels to 255' in str(e.value)
     (bad/'codes.txt').write_text('\n'.join(SHAPES_CODES))
     mask = np.zeros((48, 48), np.uint8); mask[:4] = 7; mask[-4:] = 255
     Image.fromarray(mask).save(bad/'masks'/'0005.png')
     with pytest.raises(ValueError, match=r"1 mask\(s\) .*0005.png has 7\. "): check_segmentation_folder(bad)
-    with pytest.raises(ValueError, match=r'has 7, 255\. Add the missing class names to .*codes.txt\.$'): check_segmentation_folder(bad, ignore_index=None)
+    with pytest.raises(ValueError, match=r'has 7, 255\. Add the missing class names to .*codes.txt\.$'):
+        check_segmentation_folder(bad, ignore_index=None)
 
 def test_mask_size_and_mode(bad):
     Image.fromarray(np.zeros((48, 40), np.uint8)).save(bad/'masks'/'0002.png')
-    with pytest.raises(ValueError, match=r'1 mask\(s\) differ in size from their image \(0002.png is 40×48, its image 48×48\)'): check_segmentation_folder(bad)
+    resized = r'1 mask\(s\) differ in size from their image \(0002.png is 40×48, its image 48×48\)'
+    with pytest.raises(ValueError, match=resized): check_segmentation_folder(bad)
     Image.fromarray(np.zeros((48, 48), np.uint8)).convert('P').save(bad/'masks'/'0002.png')
     with pytest.raises(ValueError, match='palette image'): check_segmentation_folder(bad)
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(bad/'masks'/'0002.png')
     with pytest.raises(ValueError, match='mode RGB'): check_segmentation_folder(bad)
     (bad/'masks'/'0002.png').write_bytes(b'not a png')
-    with pytest.raises(ValueError, match=r'1 unreadable or damaged image\(s\) in .*masks'): check_segmentation_folder(bad)
+    with pytest.raises(ValueError, match=r'1 unreadable or damaged image\(s\) in .*masks'):
+        check_segmentation_folder(bad)
 
 def test_images(bad):
     (bad/'images'/'sub').mkdir(); shutil.copy(bad/'images'/'0000.png', bad/'images'/'sub')
     with pytest.raises(ValueError, match='put every image directly in'): check_segmentation_folder(bad)
     shutil.rmtree(bad/'images'/'sub')
     (bad/'images'/'0004.png').write_text('broken')
-    with pytest.raises(ValueError, match=r'1 unreadable or damaged image\(s\) in .*images'): check_segmentation_folder(bad)
+    with pytest.raises(ValueError, match=r'1 unreadable or damaged image\(s\) in .*images'):
+        check_segmentation_folder(bad)
     for f in (bad/'images').iterdir(): f.unlink()
     with pytest.raises(ValueError, match='has no images'): check_segmentation_folder(bad)
 
 def test_mask_lookup(bad):
     (bad/'masks'/'0001.png').rename(bad/'masks'/'0001.tif')
     get_y = pickle.loads(pickle.dumps(MaskFromImage(bad/'masks')))
-    assert get_y(bad/'images'/'0001.png') == bad/'masks'/'0001.tif' and get_y('elsewhere/0002.jpg') == bad/'masks'/'0002.png'
+    assert get_y(bad/'images'/'0001.png') == bad/'masks'/'0001.tif'
+    assert get_y('elsewhere/0002.jpg') == bad/'masks'/'0002.png'
     assert check_segmentation_folder(bad) == SHAPES_CODES
     assert [f.name for f in image_files(bad/'images')][:2] == ['0000.png', '0001.png']
 

@@ -30,14 +30,15 @@ def test_fused_equals_original(factory):
     else: assert n_bn(f) == 0  # conv → BN everywhere: all folded
 
 def test_every_mish_runs_inside_a_fused_kernel(plus, monkeypatch):
-    "On a CPU the deployment form runs no Mish module on its own: each sits in a fused Mish + scale/shift (+ residual) kernel"
+    "On a CPU the deployment form runs no Mish module alone: each is in a fused Mish + scale/shift (+ residual) kernel"
     from res2netplus.fast import kernels
     f = fuse_for_inference(plus)
     assert not any(m.training for m in f.modules())  # the Identities left by folding were once in training mode, and
     calls = []                                        # sent 32 Mish calls a forward down the slow unfused path
     monkeypatch.setattr(nn.Mish, 'forward', lambda self, x: calls.append(tuple(x.shape)) or torch.nn.functional.mish(x))
     with torch.no_grad(), kernels.fast_path('compiled'): f(torch.randn(2, 3, 64, 64))
-    if kernels._fast['failed'] is not None: pytest.skip(f"this machine cannot compile the fused kernels: {kernels._fast['failed']}")
+    if kernels._fast['failed'] is not None:
+        pytest.skip(f"this machine cannot compile the fused kernels: {kernels._fast['failed']}")
     assert calls == []
     with torch.no_grad(), kernels.fast_path('reference'): f(torch.randn(2, 3, 64, 64))
     assert len(calls) == 3 + 16 * 5  # the reference path: the stem's three, and five a block
@@ -70,12 +71,13 @@ def test_fuses_a_learners_model(learn):
     with torch.no_grad(): assert (f(x) - learn.model.eval()(x)).abs().max() <= 1e-4
 
 def test_a_learners_body_folds_like_the_network(dls):
-    "The learners' Res2NetBody (its own forward: an input check) runs its children in order: the deep stem's BN still folds"
+    "The learners' Res2NetBody (own forward: an input check) runs its children in order: the deep stem's BN still folds"
     from fastai.vision.all import vision_learner
     from res2netplus.models import res2net50d
     head_bns = 2  # fastai's head: BatchNorm1d → Dropout → Linear, twice
     for factory in (res2net50d, res2netplus50):
-        assert fuse_for_inference(vision_learner(dls, factory, pretrained=False)).n_folded_bn == fuse_for_inference(factory()).n_folded_bn + head_bns
+        learner_folds = fuse_for_inference(vision_learner(dls, factory, pretrained=False)).n_folded_bn
+        assert learner_folds == fuse_for_inference(factory()).n_folded_bn + head_bns
 
 def test_onnx_round_trip_of_learner_and_deploy_form(learn, plus, tmp_path):
     pytest.importorskip('onnxruntime')
@@ -98,7 +100,7 @@ def test_compile_has_no_graph_breaks(plus):
         assert torch._dynamo.explain(plus)(x).graph_break_count == 0
 
 def test_compiled_deployment_form_with_frozen_weights(plus):
-    "The README's fastest CPU inference, torch.compile(fuse_for_inference(m), options={'freezing': True}), equals the model"
+    "The README's fastest CPU inference, torch.compile(fuse_for_inference(m), options={'freezing': True}), is the model"
     torch._dynamo.reset()
     fast = torch.compile(fuse_for_inference(plus), options={'freezing': True})
     x = torch.randn(2, 3, 64, 64)

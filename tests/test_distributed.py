@@ -1,4 +1,4 @@
-"Data-parallel training in 2 CPU processes (gloo): each task ends with identical weights on both ranks, rank 0 alone writes"
+"Data-parallel training in 2 CPU processes (gloo): each task ends with identical weights on both ranks; rank 0 writes"
 import json, math, os, subprocess, sys
 from pathlib import Path
 import pytest, torch
@@ -7,8 +7,9 @@ WORKER = Path(__file__).parent/'distributed_worker.py'
 
 def torchrun(*args, timeout=900):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=env)  # a rank left waiting in a collective would hang: the timeout fails it
+    # a rank left waiting in a collective would hang: the timeout fails it
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    r = subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
 
@@ -39,7 +40,8 @@ def test_classification(image_folder, tmp_path):
     assert_same_model(r0, r1)
     assert_split_work(r0, r1, bs=4)
     assert len(r0['batches']) == 2 * (24 // 2 // 4)  # 2 epochs of 3 batches per rank (24 training images, batches of 4)
-    assert r0['values'] == r1['values'] and all(math.isfinite(v) for v in r0['values'][-1])  # metrics gathered over both shares
+    # metrics gathered over both shares
+    assert r0['values'] == r1['values'] and all(math.isfinite(v) for v in r0['values'][-1])
     assert_only_rank0_wrote(tmp_path, ['checkpoint.pth', 'best.safetensors', 'history.csv'])
     ckpt = torch.load(tmp_path/'run0'/'checkpoint.pth', weights_only=True)
     assert not any(k.startswith('module.') for k in ckpt['model'])  # the bare model's keys, loadable without DDP
@@ -68,19 +70,22 @@ def test_detection(tmp_path):
 
 def test_command_line_distributed(image_folder, tmp_path):
     out = tmp_path/'run'
-    r = subprocess.run([sys.executable, '-m', 'res2netplus.cli', 'train', '--distributed', '2', '--data', str(image_folder), '--epochs', '1',
-                        '--size', '64', '--bs', '4', '--mix', 'none', '--out', str(out)], capture_output=True, text=True, timeout=900,
+    args = ['train', '--distributed', '2', '--data', str(image_folder), '--epochs', '1', '--size', '64', '--bs', '4',
+            '--mix', 'none', '--out', str(out)]
+    r = subprocess.run([sys.executable, '-m', 'res2netplus.cli', *args], capture_output=True, text=True, timeout=900,
                        env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert r.stdout.count('valid accuracy') == 1  # rank 0 reports
     res = json.loads((out/'metrics.json').read_text())
     assert 0 <= res['accuracy'] <= 1
-    assert {'export.pkl', 'model.safetensors', 'config.json', 'checkpoint.pth', 'best.safetensors'} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {'export.pkl', 'model.safetensors', 'config.json', 'checkpoint.pth', 'best.safetensors'} <= written
     assert torch.load(out/'checkpoint.pth', weights_only=True)['world_size'] == 2
     assert (out/'metrics.csv').read_text().count('epoch,') == 1
 
 def test_resume_relaunches_with_the_interrupted_runs_process_count(tmp_path, monkeypatch, capsys):
-    "--resume reads the process count from checkpoint.pth; --distributed must be a count; under a launcher nothing relaunches"
+    """--resume reads the process count from checkpoint.pth; --distributed must be a count; under a launcher nothing
+    relaunches"""
     import res2netplus.cli as cli
     launched = []
     monkeypatch.setattr(cli, 'launch', lambda n, argv: launched.append((n, argv)) or 0)
@@ -89,7 +94,8 @@ def test_resume_relaunches_with_the_interrupted_runs_process_count(tmp_path, mon
     assert cli.main(['train', '--resume', '--out', str(out)]) == 0
     assert launched == [(2, ['train', '--resume', '--out', str(out)])]
     assert cli.main(['train', '--distributed', '3', '--epochs', '1']) == 0 and launched[-1][0] == 3
-    assert cli._without_distributed(['train', '--distributed', '3', '--epochs', '1', '--distributed=2']) == ['train', '--epochs', '1']
+    argv = ['train', '--distributed', '3', '--epochs', '1', '--distributed=2']
+    assert cli._without_distributed(argv) == ['train', '--epochs', '1']
     assert cli.main(['train', '--distributed', '0']) == 2 and 'number of processes' in capsys.readouterr().err
     import functools
     @functools.wraps(cli.train)  # the parser reads train's signature

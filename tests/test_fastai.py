@@ -81,9 +81,10 @@ def test_export_and_load_learner_in_a_new_process(dls, image_folder, tmp_path):
     np.testing.assert_allclose(np.array(eval(out.stdout.strip().splitlines()[-1])), expected, atol=1e-5)
 
 def test_learners_refuse_images_smaller_than_the_output_stride(image_folder):
-    "The learners' body keeps the network's size check: 16 px images would leave layer4 nothing but padding, and trained silently"
+    "The learners' body keeps the network's size check: 16 px images leave layer4 nothing but padding, and trained"
     from fastai.vision.all import ImageDataLoaders, Resize
     tiny = ImageDataLoaders.from_folder(image_folder, valid='valid', bs=4, num_workers=0, seed=0, item_tfms=Resize(16))
     learn = vision_learner(tiny, res2netplus50, pretrained=False)
     with pytest.raises(ValueError, match=r'at least 32×32 px .* item_tfms=Resize\(64\)'): learn.fit(1, 1e-3)
-    with pytest.raises(ValueError, match=r'at least 32×32 px'): unet_learner(tiny, res2netplus50, pretrained=False, n_out=2)
+    with pytest.raises(ValueError, match=r'at least 32×32 px'):
+        unet_learner(tiny, res2netplus50, pretrained=False, n_out=2)

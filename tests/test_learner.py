@@ -31,7 +31,8 @@ def test_trains_channels_last_unless_told_not_to(dls, channels_last):
     "channels_last by default (faster on CPUs too: oneDNN's NCHW convs are slow on 26-channel splits); False keeps NCHW"
     learn = res2netplus_learner(dls, 'res2netplus50', mix=None, channels_last=channels_last)
     learn.fit(1, 1e-3)
-    weights = [p for p in learn.model.parameters() if p.ndim == 4 and p.shape[-1] > 1]  # a 1×1 kernel is dense in both layouts
+    # a 1×1 kernel is dense in both layouts
+    weights = [p for p in learn.model.parameters() if p.ndim == 4 and p.shape[-1] > 1]
     cl = [w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights]
     assert all(cl) if channels_last is None else not any(cl)
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
@@ -39,26 +40,27 @@ def test_trains_channels_last_unless_told_not_to(dls, channels_last):
     assert out.shape == (8, 2)
 
 def test_a_weights_file_is_fine_tuned_like_pretrained_weights(dls, tmp_path):
-    "weights= without pretrained=True: ImageNet statistics and a frozen body, as with pretrained=True (not a random start)"
+    "weights= without pretrained=True: ImageNet statistics and a frozen body, as pretrained=True (not a random start)"
     safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'in1k.safetensors')
     learn = res2netplus_learner(dls, 'res2netplus50', weights=tmp_path/'in1k.safetensors')
     assert not any(p.requires_grad for p in learn.splitter(learn.model)[1] if p.ndim > 1)
     assert any(type(t).__name__ == 'Normalize' for t in learn.dls.after_batch.fs)
 
 def test_a_mixer_in_cbs_and_another_named_by_mix_are_refused(dls):
-    "mix='mixup' beside cbs=[CutMix()] trained with CutMix alone, silently; the default mix gives way to the user's callback"
+    "mix='mixup' beside cbs=[CutMix()] trained with CutMix alone, silently; the default mix gives way to the user's"
     with pytest.raises(ValueError, match=r"mix='mixup' asks for MixUp, but cbs already hold CutMix"):
         res2netplus_learner(dls, 'res2netplus50', mix='mixup', cbs=[CutMix()])
     mine = CutMix(p=0.5)
     for mix in (RECIPE['mix'], None):  # the default (CutMix) and no mixer give way to the user's
-        mixers = [cb for cb in res2netplus_learner(dls, 'res2netplus50', mix=mix, cbs=mine).cbs if isinstance(cb, Mixer)]
-        assert mixers == [mine]
-    assert [type(cb) for cb in res2netplus_learner(dls, 'res2netplus50', cbs=[MixUp()]).cbs if isinstance(cb, Mixer)] == [MixUp]
+        learn = res2netplus_learner(dls, 'res2netplus50', mix=mix, cbs=mine)
+        assert [cb for cb in learn.cbs if isinstance(cb, Mixer)] == [mine]
+    learn = res2netplus_learner(dls, 'res2netplus50', cbs=[MixUp()])
+    assert [type(cb) for cb in learn.cbs if isinstance(cb, Mixer)] == [MixUp]
 
 @pytest.mark.slow
 def test_compile_trains_the_compiled_model_and_exports_the_eager_one(dls, tmp_path):
-    "compile=True: torch.compile in place (fastai's callbacks, splitter and keys unchanged); the compiled model trains, "
-    "predicts as the eager one does, and learn.export() pickles it uncompiled"
+    """compile=True: torch.compile in place (fastai's callbacks, splitter and keys unchanged); the compiled model
+    trains, predicts as the eager one does, and learn.export() pickles it uncompiled"""
     from torch._dynamo.utils import counters
     from fastai.learner import load_learner
     eager = res2netplus_learner(dls, tiny_plus, mix=None)

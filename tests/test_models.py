@@ -54,8 +54,9 @@ def test_kwargs_reach_the_network():
 
 @pytest.mark.parametrize('bad, msg', [
     (dict(scale=0), 'scale must be'), (dict(base_width=0), 'base_width'), (dict(cardinality=0), 'cardinality'),
-    (dict(layers=(3, 4, 6)), 'layers'), (dict(stem_type='huge'), 'stem_type'), (dict(drop_path_rate=1.5), 'drop_path_rate'),
-    (dict(n_out=-1), 'num_classes'), (dict(global_pool='median'), 'global_pool')])
+    (dict(layers=(3, 4, 6)), 'layers'), (dict(stem_type='huge'), 'stem_type'),
+    (dict(drop_path_rate=1.5), 'drop_path_rate'), (dict(n_out=-1), 'num_classes'),
+    (dict(global_pool='median'), 'global_pool')])
 def test_bad_config_says_how_to_fix(bad, msg):
     with pytest.raises(ValueError, match=msg): RES2NET_FACTORIES['res2netplus50'](**bad)
 
@@ -108,7 +109,7 @@ def _stage_outputs(m, x):
 
 @pytest.mark.parametrize('name', [n for n in RES2NET_VARIANTS if '152' not in n])
 def test_dilated_is_the_network_sampled_densely(name):
-    "At output stride 16 and 8, each stage's output subsampled by the stride it dropped equals the undilated one's (odd sizes too)"
+    "At output stride 16 and 8, each stage's output, subsampled by the stride it dropped, is the undilated one's"
     ref = randomize_bn(RES2NET_FACTORIES[name]()).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad(): expected = _stage_outputs(ref, x)
@@ -127,10 +128,11 @@ def test_features_only_at_output_stride(os_):
     assert f.feature_info.reduction() == [2, 4, 8, min(16, os_), os_]
     outs = f(torch.randn(1, 3, 96, 96))
     assert [o.shape[-1] for o in outs] == [48, 24, 12, 96 // min(16, os_), 96 // os_]
-    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'): timm.create_model('res2netplus50', output_stride=12)
+    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
+        timm.create_model('res2netplus50', output_stride=12)
 
 def test_nan_or_inf_input_is_refused_when_asked():
-    "Off by default (a full pass over each batch); on, the bad images are named; timm's factory and the segmenters take it too"
+    "Off by default (a full pass over each batch); on, the bad images are named; timm's factory and the segmenters too"
     x = torch.randn(3, 3, 64, 64)
     x[1, 0, 5, 5], x[2, 2, 0, 0] = float('nan'), float('inf')
     plain = create_res2net('res2netplus50', num_classes=4).eval()
@@ -146,14 +148,17 @@ def test_nan_or_inf_input_is_refused_when_asked():
 def test_check_finite_input_callback_stops_training_on_a_bad_batch(dls):
     from fastai.vision.all import Learner, CrossEntropyLossFlat
     from res2netplus.learner import CheckFiniteInput
-    learn = Learner(dls, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)), loss_func=CrossEntropyLossFlat(), cbs=CheckFiniteInput())
+    learn = Learner(dls, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)),
+                    loss_func=CrossEntropyLossFlat(), cbs=CheckFiniteInput())
     learn.fit(1, 1e-3)  # clean data passes
     from fastai.callback.core import Callback
     class Corrupt(Callback):
         order = -30
         def before_batch(self):
-            if self.training and self.iter == 1: x = self.xb[0].clone(); x[0, 0, 0, 0] = float('inf'); self.learn.xb = (x,)
-    with pytest.raises(ValueError, match=r'Training batch 1 of epoch 0 got 0 NaN and 1 infinite'): learn.fit(1, 1e-3, cbs=Corrupt())
+            if not (self.training and self.iter == 1): return
+            x = self.xb[0].clone(); x[0, 0, 0, 0] = float('inf'); self.learn.xb = (x,)
+    with pytest.raises(ValueError, match=r'Training batch 1 of epoch 0 got 0 NaN and 1 infinite'):
+        learn.fit(1, 1e-3, cbs=Corrupt())
 
 @pytest.mark.parametrize('name', ['res2netplus50', 'res2net50d'])
 def test_a_learner_body_names_n_in_for_the_wrong_channel_count(name):
@@ -161,11 +166,13 @@ def test_a_learner_body_names_n_in_for_the_wrong_channel_count(name):
     from fastai.vision.learner import create_body, model_meta
     factory = RES2NET_FACTORIES[name]
     body = create_body(factory(), n_in=3, pretrained=False, cut=model_meta[factory]['cut'])
-    with pytest.raises(ValueError, match=r'built for 3-channel images but got 1 channels.*n_in=1'): body(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match=r'built for 3-channel images but got 1 channels.*n_in=1'):
+        body(torch.randn(2, 1, 64, 64))
 
 def test_importing_the_package_registers_the_plus_variants_with_timm():
     "The README's `import timm, res2netplus` route: registration happened only when res2netplus.models was imported"
-    code = "import timm, res2netplus; m = timm.create_model('res2netplus50', num_classes=3, layers=(1, 1, 1, 1)); print(type(m).__name__)"
+    code = ("import timm, res2netplus; m = timm.create_model('res2netplus50', num_classes=3, layers=(1, 1, 1, 1)); "
+            "print(type(m).__name__)")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == 'Res2Net', out.stderr[-2000:]
 
@@ -185,8 +192,10 @@ def test_reset_classifier_sets_the_pooling_like_timm():
     m.reset_classifier(0, '')
     assert torch.equal(m(x), features)
     m.reset_classifier(5, 'max')
-    assert isinstance(m.global_pool, nn.AdaptiveMaxPool2d) and torch.equal(m.forward_head(features, pre_logits=True), features.amax((2, 3)))
-    assert timm.create_model('res2netplus50', layers=(1, 1, 1, 1), num_classes=0, global_pool='')(x).shape == (2, 2048, 2, 2)
+    assert isinstance(m.global_pool, nn.AdaptiveMaxPool2d)
+    assert torch.equal(m.forward_head(features, pre_logits=True), features.amax((2, 3)))
+    unpooled = timm.create_model('res2netplus50', layers=(1, 1, 1, 1), num_classes=0, global_pool='')
+    assert unpooled(x).shape == (2, 2048, 2, 2)
     m.reset_classifier(0, '')
     with pytest.raises(ValueError, match="no global pooling: pass global_pool='avg'"): m.reset_classifier(3)
     with pytest.raises(ValueError, match="'' with num_classes=0"): res2netplus50(global_pool='')

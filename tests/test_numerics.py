@@ -1,4 +1,4 @@
-"Numerical safety: mixed precision (fp16 and bf16 autocast) on inputs of extreme range gives finite outputs and gradients"
+"Numerical safety: mixed precision (fp16 and bf16 autocast) on inputs of extreme range gives finite outputs, gradients"
 import pytest, torch
 from res2netplus.models import res2netplus50, res2net50d
 

@@ -3,8 +3,8 @@ import gc, pytest, torch
 import torch.nn.functional as F
 from torch import nn
 from fastai.vision.all import DataBlock, ImageBlock, MaskBlock, RandomSplitter, load_learner, set_seed, unet_learner
-from res2netplus.segmentation import (SEG_HEADS, create_seg_model, res2netplus_seg_learner, SegmentationLoss, MeanIoU, MeanDice,
-                                      FPNSegmentation, DeepLabV3Plus)
+from res2netplus.segmentation import (SEG_HEADS, create_seg_model, res2netplus_seg_learner, SegmentationLoss, MeanIoU,
+                                      MeanDice, FPNSegmentation, DeepLabV3Plus)
 from res2netplus.data import make_shapes, MaskFromImage, read_codes, image_files
 from res2netplus.augment import MixUp, Mixer
 from res2netplus.models import res2netplus50
@@ -16,8 +16,10 @@ def shapes(tmp_path_factory):
 
 def shape_dls(path, bs=4, size=None):
     from fastai.vision.all import Resize
-    return DataBlock((ImageBlock, MaskBlock(read_codes(path/'codes.txt'))), get_items=image_files, get_y=MaskFromImage(path/'masks'),
-                     splitter=RandomSplitter(0.25, seed=0), item_tfms=Resize(size) if size else None).dataloaders(path/'images', bs=bs, num_workers=0)
+    block = DataBlock((ImageBlock, MaskBlock(read_codes(path/'codes.txt'))), get_items=image_files,
+                      get_y=MaskFromImage(path/'masks'), splitter=RandomSplitter(0.25, seed=0),
+                      item_tfms=Resize(size) if size else None)
+    return block.dataloaders(path/'images', bs=bs, num_workers=0)
 
 @pytest.mark.parametrize('head', list(SEG_HEADS))
 @pytest.mark.parametrize('output_stride', [32, 16, 8])
@@ -34,7 +36,8 @@ def test_loss_drops_and_iou_rises_on_shapes(shapes, head):
     learn.fit_recipe(6, 2e-3)
     losses = [float(l) for l in learn.recorder.losses]
     assert losses[-1] < 0.75 * losses[0], losses  # smoothed training loss
-    after = learn.recorder.values[-1]  # [train_loss, valid_loss, dice, mean_iou] after; [valid_loss, dice, mean_iou] before
+    # [train_loss, valid_loss, dice, mean_iou] after; [valid_loss, dice, mean_iou] before
+    after = learn.recorder.values[-1]
     # Held out, 18 steps teach the background first: mean IoU must not fall (fpn: 0.146 -> 0.187, deeplabv3plus: level).
     # The shapes themselves take longer than a CPU test affords: the command-line tests train on them end to end.
     assert after[3] >= before[2] - 1e-6, (before, after)
@@ -42,7 +45,8 @@ def test_loss_drops_and_iou_rises_on_shapes(shapes, head):
 @pytest.mark.parametrize('head', ['fpn', 'deeplabv3plus'])
 def test_export_round_trip_and_show_results(shapes, head, tmp_path):
     import matplotlib; matplotlib.use('Agg')
-    learn = res2netplus_seg_learner(shape_dls(shapes), 'res2net50d', head=head, mix='mixup', dice_weight=0.5, path=tmp_path)
+    learn = res2netplus_seg_learner(shape_dls(shapes), 'res2net50d', head=head, mix='mixup', dice_weight=0.5,
+                                    path=tmp_path)
     learn.fit(1, 1e-3)
     assert learn.loss_func.dice_weight == 0.5 and torch.isfinite(torch.tensor(learn.recorder.losses)).all()
     learn.show_results(max_n=2)
@@ -66,7 +70,8 @@ def test_segmentation_dataloaders_and_unet_options(seg_dls):
     "fastai's SegmentationDataLoaders; U-Net with self-attention and blur; one-channel input"
     learn = res2netplus_seg_learner(seg_dls, res2netplus50, head='unet', self_attention=True, blur=True, mix=None)
     assert any('SelfAttention' in type(m).__name__ for m in learn.model.modules())
-    assert not any(type(cb).__name__ == 'ChannelsLast' for cb in learn.cbs)  # on a CPU a U-Net step ran slower channels_last
+    # on a CPU a U-Net step ran slower channels_last
+    assert not any(type(cb).__name__ == 'ChannelsLast' for cb in learn.cbs)
     learn.fit(1, 1e-3)
     assert torch.isfinite(torch.tensor(learn.recorder.losses)).all()
     del learn; gc.collect()  # one 339 M-parameter U-Net with its optimiser state at a time
@@ -83,10 +88,12 @@ def test_weights_file_freezes_the_body_and_loads_it(seg_dls, tmp_path):
     import safetensors.torch
     src = res2netplus50()
     safetensors.torch.save_file(src.state_dict(), tmp_path/'w.safetensors')
-    learn = res2netplus_seg_learner(seg_dls, 'res2netplus50', head='deeplabv3plus', weights=tmp_path/'w.safetensors', output_stride=8)
+    learn = res2netplus_seg_learner(seg_dls, 'res2netplus50', head='deeplabv3plus', weights=tmp_path/'w.safetensors',
+                                    output_stride=8)
     body = learn.model.body
     # frozen like fastai's freeze: conv weights fixed, BatchNorm still trained (train_bn)
-    assert not any(p.requires_grad for p in body[-1].parameters() if p.ndim > 1) and all(p.requires_grad for p in learn.model.head.parameters())
+    assert not any(p.requires_grad for p in body[-1].parameters() if p.ndim > 1)
+    assert all(p.requires_grad for p in learn.model.head.parameters())
     torch.testing.assert_close(body[4][0].conv1.weight, src.layer1[0].conv1.weight)
     assert body[-1][1].convs[0].dilation == (4, 4)
 
@@ -108,32 +115,40 @@ def test_mixup_weighs_the_pixel_loss_of_both_masks():
 
 def test_bad_input_says_how_to_fix(seg_dls):
     with pytest.raises(ValueError, match='Unknown head'): res2netplus_seg_learner(seg_dls, head='pspnet')
-    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'): res2netplus_seg_learner(seg_dls, head='fpn', output_stride=4)
+    with pytest.raises(ValueError, match='output_stride must be 8, 16 or 32'):
+        res2netplus_seg_learner(seg_dls, head='fpn', output_stride=4)
     with pytest.raises(ValueError, match='Did you mean'): res2netplus_seg_learner(seg_dls, 'res2netplus5')
-    with pytest.raises(ValueError, match='n_in=4'): create_seg_model(res2netplus50, 2, 'fpn').eval()(torch.randn(1, 4, 64, 64))
-    with pytest.raises(ValueError, match='do not match'): SegmentationLoss()(torch.randn(2, 3, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match='n_in=4'):
+        create_seg_model(res2netplus50, 2, 'fpn').eval()(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match='do not match'):
+        SegmentationLoss()(torch.randn(2, 3, 8, 8), torch.zeros(2, 4, 4, dtype=torch.long))
 
 def test_a_non_res2net_factory_is_refused_with_the_fix():
     "fastai's habit unet_learner(dls, resnet34) ended in a TypeError from inside torchvision"
     from torchvision.models import resnet34
     from res2netplus.detection import res2net_fpn_backbone
     for build in (lambda: create_seg_model(resnet34, 2, 'fpn'), lambda: res2net_fpn_backbone(resnet34)):
-        with pytest.raises(ValueError, match=r"arch=resnet34 is not a Res2Net factory \(.*pretrained.*\): pass one such as res2netplus50"): build()
+        fix = r"arch=resnet34 is not a Res2Net factory \(.*pretrained.*\): pass one such as res2netplus50"
+        with pytest.raises(ValueError, match=fix): build()
 
 @pytest.mark.slow
 @pytest.mark.parametrize('head', ['fpn', 'deeplabv3plus'])
 def test_compile_trains_our_heads_and_refuses_the_unet(seg_dls, head):
-    "compile=True: the FPN and DeepLabV3+ heads train compiled (and predict as uncompiled); fastai's U-Net, which the compiler cannot trace, is refused with the fix"
+    """compile=True: the FPN and DeepLabV3+ heads train compiled (and predict as uncompiled); fastai's U-Net, which the
+    compiler cannot trace, is refused with the fix"""
     from torch._dynamo.utils import counters
-    with pytest.raises(ValueError, match="Use the 'fpn' or 'deeplabv3plus' head"): res2netplus_seg_learner(seg_dls, tiny_plus, compile=True)
+    with pytest.raises(ValueError, match="Use the 'fpn' or 'deeplabv3plus' head"):
+        res2netplus_seg_learner(seg_dls, tiny_plus, compile=True)
     from res2netplus.learner import compile_learner
-    unet = res2netplus_seg_learner(seg_dls, tiny_plus)  # compiled afterwards, as any Learner can be: refused too, not a RecursionError at the first batch
+    # compiled afterwards, as any Learner can be: refused too, not a RecursionError at the first batch
+    unet = res2netplus_seg_learner(seg_dls, tiny_plus)
     with pytest.raises(ValueError, match="fastai's U-Net does not compile"): compile_learner(unet)
     assert unet.model._compiled_call_impl is None
     learn = res2netplus_seg_learner(seg_dls, tiny_plus, head=head, mix=None, compile=True)
     graphs = counters['stats']['unique_graphs']
     learn.fit(1, 1e-3)
-    assert counters['stats']['unique_graphs'] > graphs and torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
+    assert counters['stats']['unique_graphs'] > graphs
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1][:2])).all()
     x = seg_dls.one_batch()[0].cpu()
     model = learn.model.eval()
     with torch.no_grad(): assert torch.allclose(model(x), model._call_impl(x), rtol=1e-4, atol=1e-4)

@@ -1,7 +1,7 @@
 "ImageNet weights: timm's cache, local files, the exact v1b → Plus transfer, and errors that name the fix"
 import hashlib, pytest, torch, timm, safetensors.torch
 from torch import nn
-from res2netplus.models import RES2NET_FACTORIES, res2netplus50, res2netplus101, res2net50d, res2net50_26w_4s
+from res2netplus.models import res2netplus50, res2netplus101, res2net50d, res2net101d, res2net50_26w_4s
 from res2netplus.weights import load_weights, read_weights, WeightsUnavailableError
 from conftest import randomize_bn
 
@@ -51,7 +51,7 @@ def test_in_chans_adapted_from_rgb_weights(tmp_path):
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
-    "An offline Hugging Face cache holding a checkpoint under timm's hub id `timm/res2net50d.in1k`; returns (folder, source net)"
+    "An offline Hugging Face cache with a checkpoint under timm's hub id `timm/res2net50d.in1k`: (folder, source net)"
     src = randomize_bn(timm.create_model('res2net50d')).eval()
     repo = tmp_path/'hub'/'models--timm--res2net50d.in1k'
     (repo/'snapshots'/('0'*40)).mkdir(parents=True); (repo/'refs').mkdir()
@@ -81,19 +81,23 @@ def test_timm_pretrained_cfg_overlay_file(tmp_path):
     m = timm.create_model('res2netplus50', pretrained=True, act_cls=nn.ReLU,
                           pretrained_cfg_overlay=dict(file=str(tmp_path/'v1b.safetensors'))).eval()
     with torch.no_grad(): assert (m(X) - src(X)).abs().max() <= 1e-4
-    fresh = timm.create_model('res2netplus50', pretrained=False, pretrained_cfg_overlay=dict(file=str(tmp_path/'v1b.safetensors')))
-    assert not torch.equal(fresh.layer1[0].conv3.weight, m.layer1[0].conv3.weight)  # as in timm: no file without pretrained
+    fresh = timm.create_model('res2netplus50', pretrained=False,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path/'v1b.safetensors')))
+    # as in timm: no file without pretrained
+    assert not torch.equal(fresh.layer1[0].conv3.weight, m.layer1[0].conv3.weight)
 
 def test_offline_without_cache_names_the_fix(tmp_path, monkeypatch):
     import huggingface_hub.constants as C
     monkeypatch.setattr(C, 'HF_HUB_CACHE', str(tmp_path))
     monkeypatch.setattr('res2netplus.weights.hub_reachable', lambda *a, **k: False)
-    with pytest.raises(WeightsUnavailableError, match=r"weights='path/to/res2net50_26w_4s.safetensors'.*pretrained=False"):
+    fix = r"weights='path/to/res2net50_26w_4s.safetensors'.*pretrained=False"
+    with pytest.raises(WeightsUnavailableError, match=fix):
         res2net50_26w_4s(pretrained=True)
 
 def test_mismatched_files_list_the_keys(tmp_path):
     safetensors.torch.save_file(res2net50_26w_4s().state_dict(), tmp_path/'other_arch.safetensors')
-    with pytest.raises(ValueError, match=r'(?s)missing keys: .*in all.*unexpected keys: .*conv1.weight.*shape mismatches: .*Fix:'):
+    keys = r'(?s)missing keys: .*in all.*unexpected keys: .*conv1.weight.*shape mismatches: .*Fix:'
+    with pytest.raises(ValueError, match=keys):
         res2netplus50(weights=tmp_path/'other_arch.safetensors')
     safetensors.torch.save_file(res2netplus50(n_out=10).state_dict(), tmp_path/'ten.safetensors')
     with pytest.raises(ValueError, match=r'shape mismatches: fc.bias \(10,\) vs \(5,\)'):
@@ -128,8 +132,20 @@ def test_v1b_weights_into_a_deeper_or_wider_plus_variant_name_the_keys():
     from res2netplus.models import res2netplus50_26w_8s
     sd = res2net50d(layers=(1, 1, 1, 1)).state_dict()
     for model in (res2netplus50(layers=(1, 1, 2, 1)), res2netplus50_26w_8s(layers=(1, 1, 1, 1))):
-        with pytest.raises(ValueError, match=r'(?s)does not fit.*missing keys: layer.*Fix: pick the variant'): load_weights(model, sd)
-    with pytest.raises(ValueError, match=r'missing keys: .*act.weight'): load_weights(res2netplus50(layers=(1, 1, 1, 1), act_cls=nn.PReLU), sd)
+        with pytest.raises(ValueError, match=r'(?s)does not fit.*missing keys: layer.*Fix: pick the variant'):
+            load_weights(model, sd)
+    with pytest.raises(ValueError, match=r'missing keys: .*act.weight'):
+        load_weights(res2netplus50(layers=(1, 1, 1, 1), act_cls=nn.PReLU), sd)
+
+def test_a_file_of_another_variant_names_the_variant_it_was_given_to(tmp_path):
+    "issue 26: the message said 'does not fit Res2Net', not which of the 20 variants"
+    safetensors.torch.save_file(res2net50d().state_dict(), tmp_path/'res2net50d.safetensors')
+    names_the_variant = r'(?s)res2net50d.safetensors does not fit res2net101d \(.*missing keys: layer3'
+    with pytest.raises(ValueError, match=names_the_variant):
+        res2net101d(weights=tmp_path/'res2net50d.safetensors')
+    # a model made by the factories (or timm.create_model) carries its name for later load_weights calls
+    with pytest.raises(ValueError, match=r'^the checkpoint does not fit res2net101d \('):
+        load_weights(res2net101d(), res2net50d().state_dict())
 
 def test_checkpoints_without_batchnorm_step_counters_load():
     "torch's own load_state_dict accepts them (converted and older checkpoints); the key check refused them"
@@ -140,6 +156,7 @@ def test_checkpoints_without_batchnorm_step_counters_load():
 
 def test_weights_of_the_wrong_type_name_the_fix(tmp_path):
     for wrong in (True, res2net50d().state_dict()):
-        with pytest.raises(TypeError, match=r'path of a .safetensors or .pth file.*pretrained=True.*load_weights'): res2netplus50(weights=wrong)
+        with pytest.raises(TypeError, match=r'path of a .safetensors or .pth file.*pretrained=True.*load_weights'):
+            res2netplus50(weights=wrong)
     safetensors.torch.save_file(res2net50d(layers=(1, 1, 1, 1)).state_dict(), tmp_path/'w.safetensors')
     with pytest.raises(ValueError, match='hex digest'): read_weights(tmp_path/'w.safetensors', sha256='')
