@@ -18,17 +18,19 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import model_meta
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
+from .checks import check_finite, check_images, CheckedSequential
 from .layers import Bottle2neck, res2net_stage
 from .fast.blocks import FastBottle2neck, ConvActNorm, MaxPool2d
 from .weights import load_weights, read_weights, fetch_imagenet_weights
+_all_ = ['check_finite', 'check_images', 'CheckedSequential']  # still exported here, where they were defined
 
 # %% auto #0
-__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'check_finite', 'check_images', 'CheckedSequential',
-           'Res2Net', 'variant_row', 'create_res2net', 'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s',
-           'res2net50_26w_6s', 'res2net50_26w_8s', 'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d',
-           'res2netplus50', 'res2netplus101', 'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s',
-           'res2netplus50_26w_6s', 'res2netplus50_26w_8s', 'res2nextplus50', 'Res2NetBody', 'res2net_body',
-           'res2net_split', 'resolve_arch', 'res2net_factory', 'create_res2net_from_arch']
+__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'Res2Net', 'variant_row', 'create_res2net',
+           'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s', 'res2net50_26w_6s', 'res2net50_26w_8s',
+           'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d', 'res2netplus50', 'res2netplus101',
+           'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s', 'res2netplus50_26w_6s',
+           'res2netplus50_26w_8s', 'res2nextplus50', 'Res2NetBody', 'res2net_body', 'res2net_split', 'resolve_arch',
+           'res2net_factory', 'create_res2net_from_arch', 'check_finite', 'check_images', 'CheckedSequential']
 
 # %% ../nbs/02_models.ipynb #0c4457ea
 def _norm_act(nf:int, act_cls, bn_1st:bool):
@@ -57,59 +59,13 @@ def res2net_stem(stem_type:str='', in_chans:int=3, stem_szs=(32, 32, 64), act_cl
     norm_act = [('bn1', bn), ('act1', act)] if bn_1st else [('act1', act), ('bn1', bn)]
     return [('conv1', conv1)] + norm_act + [('maxpool', nn.MaxPool2d(3, 2, 1))]
 
-# %% ../nbs/02_models.ipynb #fee234b5
+# %% ../nbs/02_models.ipynb #6681d890
 def _check_positive_ints(name, values, n=None):
     values = tuple(values)
     if (n is not None and len(values) != n) or not all(isinstance(v, int) and v >= 1 for v in values):
         raise ValueError(f"{name} must be {n or 'some'} positive integers, got {values!r}.")
     return values
 
-def check_finite(x:torch.Tensor, name:str='The model'):
-    "Raise a `ValueError` naming the images of batch `x` that hold NaN or infinite values"
-    bad = ~torch.isfinite(x)
-    if not bad.any(): return
-    images = bad.flatten(1).any(1).nonzero().flatten().tolist() if x.ndim > 1 else []
-    raise ValueError(f"{name} got {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} infinite input "
-                     f"values (images {images[:8]} of the batch): fix the data (a broken image file, a division by "
-                     "zero in a normalisation), or drop those images.")
-
-def check_images(x, name:str, n_in:int, min_size:int, too_small_fix:str, finite:bool=False):
-    "Raise a `ValueError` naming the fix unless `x` is an (N, `n_in`, H, W) batch with H, W ≥ `min_size` (finite too)"
-    if torch.jit.is_tracing() or torch.compiler.is_compiling(): return
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"{name} takes a batch of images shaped (N, C, H, W), got {getattr(x, 'shape', type(x))}. "
-                         "For one image add the batch dimension: x[None].")
-    if x.shape[1] != n_in:
-        raise ValueError(f"{name} was built for {n_in}-channel images but got {x.shape[1]} channels. Create it with "
-                         f"in_chans={x.shape[1]} (fastai learners: n_in={x.shape[1]}), or convert the images.")
-    if min(x.shape[-2:]) < min_size:
-        raise ValueError(f"{name} needs images of at least {min_size}×{min_size} px (its output stride), "
-                         f"got {tuple(x.shape[-2:])}. {too_small_fix}")
-    if finite: check_finite(x, name)
-
-# %% ../nbs/02_models.ipynb #8b3dd1cd
-class CheckedSequential(nn.Sequential):
-    "An `nn.Sequential` of image layers that refuses, naming the fix, a batch it can't take; slices are plain"
-    min_size, check_finite = 32, False  # set per instance: the output stride, and whether to scan inputs for NaN/Inf
-
-    def __getitem__(self, idx):
-        "Slices are plain `nn.Sequential`s (fastai's splitters slice models)"
-        if isinstance(idx, slice): return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)
-
-    @property
-    def in_chans(self) -> int: return next(m for m in self.modules() if isinstance(m, nn.Conv2d)).in_channels
-
-    def check_input(self, x):
-        "Raise a `ValueError` naming the fix if `x` is not a batch of images this network can take"
-        check_images(x, type(self).__name__, self.in_chans, self.min_size,
-                     "Resize them, e.g. item_tfms=Resize(64) in fastai.", self.check_finite)
-
-    def forward(self, x):
-        self.check_input(x)
-        return super().forward(x)
-
-# %% ../nbs/02_models.ipynb #6681d890
 def _pooling(global_pool:str, num_classes:int) -> tuple:
     "The head's pooling and flattening: 'avg', 'max', or '' (none: the model returns its last feature map)"
     pools = {'avg': nn.AdaptiveAvgPool2d, 'max': nn.AdaptiveMaxPool2d}
