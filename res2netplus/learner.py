@@ -17,7 +17,7 @@ from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntr
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from fastai.vision.models.unet import DynamicUnet
-from .models import res2netplus50, check_finite, resolve_arch as _arch
+from .models import res2netplus50, check_finite, resolve_arch
 from .augment import Mixer, mix_callback, ProcessSeeded
 
 # %% auto #0
@@ -28,14 +28,17 @@ __all__ = ['RECIPE', 'compile_learner', 'res2netplus_learner', 'EpochSeed', 'rea
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)
 
 def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
-    if precision == 'auto': precision = (('bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16') if on_gpu else None)
+    if precision == 'auto':
+        precision = ('bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16') if on_gpu else None
     if precision == 'bf16': return learn.to_bf16()
     if precision == 'fp16': return learn.to_fp16()
-    if precision not in (None, 'fp32'): raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16' or None.")
+    if precision not in (None, 'fp32'):
+        raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16' or None.")
     return learn
 
 def _with_mixer(cbs, mix:str|None) -> list:
-    "`cbs` as a list, plus the mixing callback of `mix` unless `cbs` already holds one (which `mix`, if not the default, must name)"
+    """`cbs` as a list, plus the mixing callback of `mix` unless `cbs` already holds one (which `mix`, if not the
+    default, must name)"""
     cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
     mixer, held = mix_callback(mix), next((cb for cb in cbs if isinstance(cb, Mixer)), None)
     if held is None: return cbs + ([mixer] if mixer else [])
@@ -44,39 +47,52 @@ def _with_mixer(cbs, mix:str|None) -> list:
                          f"pass the mixer once, by mix= or in cbs (with mix=None).")
     return cbs
 
+# %% ../nbs/05_learner.ipynb #dcc87740
 def _untyped(x):
-    "A fastai `TensorImage` (any tensor subclass) as a plain tensor view: `torch.compile` mis-traces their `__torch_function__`"
+    """A fastai `TensorImage` (any tensor subclass) as a plain tensor view: `torch.compile` mis-traces their
+    `__torch_function__`"""
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
-_UNET_NOT_COMPILABLE = ("fastai's U-Net does not compile: it sets attributes on tensors, which torch.compile cannot trace (torch 2.14). "
-                       "Use the 'fpn' or 'deeplabv3plus' head (--head fpn), or train uncompiled.")
+_UNET_NOT_COMPILABLE = ("fastai's U-Net does not compile: it sets attributes on tensors, which torch.compile cannot "
+                        "trace (torch 2.14). Use the 'fpn' or 'deeplabv3plus' head (--head fpn), or train uncompiled.")
 
 def compile_learner(learn:Learner, **kwargs) -> Learner:
-    "`torch.compile` (kwargs: its options) `learn.model` in place, taking plain tensors; its class, keys and `learn.export()` stay the eager model's"
+    """`torch.compile` (kwargs: its options) `learn.model` in place, taking plain tensors; its class, keys and
+    `learn.export()` stay the eager model's"""
     model = learn.model
     if any(isinstance(m, DynamicUnet) for m in model.modules()): raise ValueError(_UNET_NOT_COMPILABLE)
-    compiled = torch.compile(model._call_impl, **kwargs)  # what nn.Module.compile sets, behind a call that drops fastai's tensor types
-    model._compiled_call_impl = lambda *args, **kw: compiled(*map(_untyped, args), **{k: _untyped(v) for k, v in kw.items()})
+    # what nn.Module.compile sets, behind a call that drops fastai's tensor types
+    compiled = torch.compile(model._call_impl, **kwargs)
+    model._compiled_call_impl = lambda *args, **kw: compiled(*map(_untyped, args),
+                                                             **{k: _untyped(v) for k, v in kw.items()})
     return learn
 
-def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_channels_last:bool=True, compile:bool=False) -> Learner:
-    "Mixed precision on a GPU (or as asked); channels_last on a GPU, on a CPU when `cpu_channels_last` (measured faster), or as asked; `compile`: torch.compile"
+# %% ../nbs/05_learner.ipynb #59c915cf
+def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_channels_last:bool=True,
+                compile:bool=False) -> Learner:
+    """Mixed precision on a GPU (or as asked); channels_last on a GPU, on a CPU when `cpu_channels_last` (measured
+    faster), or as asked; `compile`: torch.compile"""
     on_gpu = torch.device(learn.dls.device or 'cpu').type == 'cuda'
     if channels_last or (channels_last is None and (on_gpu or cpu_channels_last)): learn.add_cb(ChannelsLast())
     if compile: compile_learner(learn)
     return _precision(learn, precision, on_gpu)
 
-def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pretrained:bool=False, weights=None, loss_func=None,
-                        opt_func=None, metrics=None, cbs=None, label_smoothing:float=RECIPE['label_smoothing'],
-                        precision:str|None='auto', channels_last:bool|None=None, compile:bool=False, **kwargs) -> Learner:
+def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pretrained:bool=False, weights=None,
+                        loss_func=None, opt_func=None, metrics=None, cbs=None,
+                        label_smoothing:float=RECIPE['label_smoothing'], precision:str|None='auto',
+                        channels_last:bool|None=None, compile:bool=False, **kwargs) -> Learner:
     "A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`"
-    pretrained = pretrained or weights is not None  # trained weights (a file): ImageNet statistics, a frozen body, fine-tuning
+    # trained weights (a file) are used as pretrained ones are: ImageNet statistics, a frozen body, fine-tuning
+    pretrained = pretrained or weights is not None
     if weights is not None: kwargs['weights'] = weights
     single_label = isinstance(dls.loss_func, CrossEntropyLossFlat)
-    if loss_func is None and single_label and label_smoothing: loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing)
-    if metrics is None: metrics = accuracy if single_label else accuracy_multi if isinstance(dls.loss_func, BCEWithLogitsLossFlat) else None
-    learn = vision_learner(dls, _arch(arch), pretrained=pretrained, loss_func=loss_func, opt_func=opt_func or RECIPE['opt_func'],
-                           metrics=metrics, cbs=_with_mixer(cbs, mix), **kwargs)
+    if loss_func is None and single_label and label_smoothing:
+        loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing)
+    if metrics is None:
+        multi_label = isinstance(dls.loss_func, BCEWithLogitsLossFlat)
+        metrics = accuracy if single_label else accuracy_multi if multi_label else None
+    learn = vision_learner(dls, resolve_arch(arch), pretrained=pretrained, loss_func=loss_func, metrics=metrics,
+                           opt_func=opt_func or RECIPE['opt_func'], cbs=_with_mixer(cbs, mix), **kwargs)
     return _accelerate(learn, precision, channels_last, compile=compile)
 
 # %% ../nbs/05_learner.ipynb #5a9e0f13

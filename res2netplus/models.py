@@ -10,6 +10,7 @@ from collections import OrderedDict
 from functools import partial
 import torch
 from torch import nn
+from fastcore.basics import patch
 from fastcore.foundation import L
 from fastai.layers import ConvLayer
 from fastai.torch_core import params
@@ -17,17 +18,19 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import model_meta
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, register_model
+from .checks import check_finite, check_images, CheckedSequential
 from .layers import Bottle2neck, res2net_stage
 from .fast.blocks import FastBottle2neck, ConvActNorm, MaxPool2d
 from .weights import load_weights, read_weights, fetch_imagenet_weights
+_all_ = ['check_finite', 'check_images', 'CheckedSequential']  # still exported here, where they were defined
 
 # %% auto #0
-__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'check_finite', 'check_images', 'CheckedSequential',
-           'Res2Net', 'variant_row', 'create_res2net', 'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s',
-           'res2net50_26w_6s', 'res2net50_26w_8s', 'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d',
-           'res2netplus50', 'res2netplus101', 'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s',
-           'res2netplus50_26w_6s', 'res2netplus50_26w_8s', 'res2nextplus50', 'Res2NetBody', 'res2net_body',
-           'res2net_split', 'resolve_arch', 'res2net_factory', 'create_res2net_from_arch']
+__all__ = ['RES2NET_VARIANTS', 'RES2NET_FACTORIES', 'res2net_stem', 'Res2Net', 'variant_row', 'create_res2net',
+           'res2net50_26w_4s', 'res2net50_48w_2s', 'res2net50_14w_8s', 'res2net50_26w_6s', 'res2net50_26w_8s',
+           'res2net101_26w_4s', 'res2next50', 'res2net50d', 'res2net101d', 'res2netplus50', 'res2netplus101',
+           'res2netplus152', 'res2netplus50_48w_2s', 'res2netplus50_14w_8s', 'res2netplus50_26w_6s',
+           'res2netplus50_26w_8s', 'res2nextplus50', 'Res2NetBody', 'res2net_body', 'res2net_split', 'resolve_arch',
+           'res2net_factory', 'create_res2net_from_arch', 'check_finite', 'check_images', 'CheckedSequential']
 
 # %% ../nbs/02_models.ipynb #0c4457ea
 def _norm_act(nf:int, act_cls, bn_1st:bool):
@@ -53,66 +56,41 @@ def res2net_stem(stem_type:str='', in_chans:int=3, stem_szs=(32, 32, 64), act_cl
     elif stem_type == '': conv1 = nn.Conv2d(in_chans, stem_szs[-1], 7, 2, 3, bias=bias)
     else: raise ValueError(f"stem_type must be '', 'deep' or 'xresnet', got {stem_type!r}.")
     bn, act = _norm_act(stem_szs[-1], act_cls, True)
-    return [('conv1', conv1)] + ([('bn1', bn), ('act1', act)] if bn_1st else [('act1', act), ('bn1', bn)]) + [('maxpool', nn.MaxPool2d(3, 2, 1))]
+    norm_act = [('bn1', bn), ('act1', act)] if bn_1st else [('act1', act), ('bn1', bn)]
+    return [('conv1', conv1)] + norm_act + [('maxpool', nn.MaxPool2d(3, 2, 1))]
 
-# %% ../nbs/02_models.ipynb #fee234b5
+# %% ../nbs/02_models.ipynb #6681d890
 def _check_positive_ints(name, values, n=None):
     values = tuple(values)
     if (n is not None and len(values) != n) or not all(isinstance(v, int) and v >= 1 for v in values):
         raise ValueError(f"{name} must be {n or 'some'} positive integers, got {values!r}.")
     return values
 
-def check_finite(x:torch.Tensor, name:str='The model'):
-    "Raise a `ValueError` naming the images of batch `x` that hold NaN or infinite values"
-    bad = ~torch.isfinite(x)
-    if not bad.any(): return
-    images = bad.flatten(1).any(1).nonzero().flatten().tolist() if x.ndim > 1 else []
-    raise ValueError(f"{name} got {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} infinite input values (images {images[:8]} of the batch): "
-                     "fix the data (a broken image file, a division by zero in a normalisation), or drop those images.")
-
-def check_images(x, name:str, n_in:int, min_size:int, too_small_fix:str, finite:bool=False):
-    "Raise a `ValueError` naming the fix unless `x` is an (N, `n_in`, H, W) batch with H, W ≥ `min_size` (and, with `finite`, no NaN or Inf)"
-    if torch.jit.is_tracing() or torch.compiler.is_compiling(): return
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"{name} takes a batch of images shaped (N, C, H, W), got {getattr(x, 'shape', type(x))}. "
-                         "For one image add the batch dimension: x[None].")
-    if x.shape[1] != n_in:
-        raise ValueError(f"{name} was built for {n_in}-channel images but got {x.shape[1]} channels. "
-                         f"Create it with in_chans={x.shape[1]} (fastai learners: n_in={x.shape[1]}), or convert the images.")
-    if min(x.shape[-2:]) < min_size:
-        raise ValueError(f"{name} needs images of at least {min_size}×{min_size} px (its output stride), got {tuple(x.shape[-2:])}. {too_small_fix}")
-    if finite: check_finite(x, name)
-
 def _pooling(global_pool:str, num_classes:int) -> tuple:
-    "The head's pooling and flattening: 'avg', 'max', or '' (none: the model returns its last feature map, so no classifier)"
+    "The head's pooling and flattening: 'avg', 'max', or '' (none: the model returns its last feature map)"
     pools = {'avg': nn.AdaptiveAvgPool2d, 'max': nn.AdaptiveMaxPool2d}
     if global_pool == '' and num_classes == 0: return nn.Identity(), nn.Identity()
     if global_pool not in pools:
-        raise ValueError(f"global_pool must be 'avg', 'max', or '' with num_classes=0 (unpooled features), got {global_pool!r} "
-                         f"with num_classes={num_classes}.")
+        raise ValueError(f"global_pool must be 'avg', 'max', or '' with num_classes=0 (unpooled features), "
+                         f"got {global_pool!r} with num_classes={num_classes}.")
     return pools[global_pool](1), nn.Flatten()
 
-class CheckedSequential(nn.Sequential):
-    "An `nn.Sequential` of image layers that refuses, naming the fix, a batch it can't take; its slices are plain `nn.Sequential`s"
-    min_size, check_finite = 32, False  # set per instance: the output stride, and whether to scan inputs for NaN/Inf
+def _res2net_stages(inplanes:int, layers, output_stride:int, drop_path_rate:float, **block_kwargs) -> tuple:
+    "The named stages `layer1…layer4` of a Res2Net whose stem gives `inplanes` channels, and their `feature_info`"
+    n_blocks = sum(layers)
+    dprs = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+    stages, feature_info, start, net_stride, dilation = [], [], 0, 4, 1
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+        stride, first_dilation = 1 if i == 0 else 2, dilation
+        if net_stride >= output_stride: dilation, stride = dilation * stride, 1  # DeepLab: dilate instead of striding
+        net_stride *= stride
+        stages.append((f'layer{i+1}', res2net_stage(inplanes, planes, n, stride=stride, dilation=dilation,
+                       first_dilation=first_dilation, drop_path_rates=dprs[start:start+n], **block_kwargs)))
+        inplanes, start = planes * 4, start + n
+        feature_info.append(dict(num_chs=inplanes, reduction=net_stride, module=f'layer{i+1}'))
+    return stages, feature_info
 
-    def __getitem__(self, idx):
-        "Slices are plain `nn.Sequential`s (fastai's splitters slice models)"
-        if isinstance(idx, slice): return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)
-
-    @property
-    def in_chans(self) -> int: return next(m for m in self.modules() if isinstance(m, nn.Conv2d)).in_channels
-
-    def check_input(self, x):
-        "Raise a `ValueError` naming the fix if `x` is not a batch of images this network can take"
-        check_images(x, type(self).__name__, self.in_chans, self.min_size, "Resize them, e.g. item_tfms=Resize(64) in fastai.",
-                     self.check_finite)
-
-    def forward(self, x):
-        self.check_input(x)
-        return super().forward(x)
-
+# %% ../nbs/02_models.ipynb #2f85e22c
 class Res2Net(CheckedSequential):
     "Res2Net, Res2NeXt and Res2NetPlus: an `nn.Sequential` of named stem layers, four stages and a classifier head"
     def __init__(self, layers=(3, 4, 6, 3), base_width:int=26, scale:int=4, cardinality:int=1, stem_type:str='',
@@ -125,32 +103,25 @@ class Res2Net(CheckedSequential):
         layers = _check_positive_ints('layers (blocks per stage)', layers, 4)
         stem_szs = _check_positive_ints('stem_szs', stem_szs, 3)
         _check_positive_ints('in_chans', [in_chans])
-        if not (isinstance(num_classes, int) and num_classes >= 0): raise ValueError(f"num_classes (n_out) must be an integer >= 0, got {num_classes!r}.")
+        if not (isinstance(num_classes, int) and num_classes >= 0):
+            raise ValueError(f"num_classes (n_out) must be an integer >= 0, got {num_classes!r}.")
         for name, p in (('drop_rate', drop_rate), ('drop_path_rate', drop_path_rate)):
             if not 0 <= p < 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}.")
-        if output_stride not in (8, 16, 32): raise ValueError(f"output_stride must be 8, 16 or 32 (32: no dilation), got {output_stride!r}.")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32 (32: no dilation), got {output_stride!r}.")
         pool, flatten = _pooling(global_pool, num_classes)
         stem = res2net_stem(stem_type, in_chans, stem_szs, act_cls, bn_1st, fast)
         block = FastBottle2neck if fast else Bottle2neck
-        n_blocks = sum(layers)
-        dprs = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
-        stages, inplanes, start, net_stride, dilation = [], stem_szs[-1], 0, 4, 1
-        feature_info = [dict(num_chs=inplanes, reduction=2, module=stem[-2][0])]
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
-            stride, first_dilation = 1 if i == 0 else 2, dilation
-            if net_stride >= output_stride: dilation, stride = dilation * stride, 1  # DeepLab: dilate instead of striding
-            net_stride *= stride
-            stages.append((f'layer{i+1}', res2net_stage(inplanes, planes, n, stride=stride, avg_down=avg_down, dilation=dilation,
-                first_dilation=first_dilation, drop_path_rates=dprs[start:start+n], base_width=base_width, scale=scale,
-                cardinality=cardinality, act_cls=act_cls, bn_1st=bn_1st, block=block)))
-            inplanes, start = planes * 4, start + n
-            feature_info.append(dict(num_chs=inplanes, reduction=net_stride, module=f'layer{i+1}'))
+        stages, stage_info = _res2net_stages(stem_szs[-1], layers, output_stride, drop_path_rate, avg_down=avg_down,
+                                             base_width=base_width, scale=scale, cardinality=cardinality,
+                                             act_cls=act_cls, bn_1st=bn_1st, block=block)
+        inplanes = stage_info[-1]['num_chs']
         head = [('global_pool', pool), ('flatten', flatten), ('head_drop', nn.Dropout(drop_rate)),
                 ('fc', nn.Linear(inplanes, num_classes) if num_classes else nn.Identity())]
         super().__init__(OrderedDict(stem + stages + head))
         self.num_classes, self.num_features, self.drop_rate = num_classes, inplanes, drop_rate
         self.head_hidden_size = inplanes
-        self.feature_info = feature_info
+        self.feature_info = [dict(num_chs=stem_szs[-1], reduction=2, module=stem[-2][0])] + stage_info
         self.output_stride = self.min_size = output_stride
         self.check_finite = check_finite
         self.init_weights(zero_init_last)
@@ -163,31 +134,38 @@ class Res2Net(CheckedSequential):
                 if m.bias is not None: nn.init.zeros_(m.bias)
             if zero_init_last and hasattr(m, 'zero_init_last'): m.zero_init_last()
 
-    def forward_features(self, x):
-        self.check_input(x)  # here, not in forward: timm's and fastai's timm routes call forward_features alone
-        for name, m in self.named_children():
-            if name == 'global_pool': break
-            x = m(x)
-        return x
+# %% ../nbs/02_models.ipynb #a3a801da
+@patch
+def forward_features(self:Res2Net, x):
+    self.check_input(x)  # here, not in forward: timm's and fastai's timm routes call forward_features alone
+    for name, m in self.named_children():
+        if name == 'global_pool': break
+        x = m(x)
+    return x
 
-    def forward_head(self, x, pre_logits:bool=False):
-        x = self.head_drop(self.flatten(self.global_pool(x)))
-        return x if pre_logits else self.fc(x)
+@patch
+def forward_head(self:Res2Net, x, pre_logits:bool=False):
+    x = self.head_drop(self.flatten(self.global_pool(x)))
+    return x if pre_logits else self.fc(x)
 
-    def forward(self, x): return self.forward_head(self.forward_features(x))
+@patch
+def forward(self:Res2Net, x): return self.forward_head(self.forward_features(x))
 
-    def get_classifier(self, name_only=False): return 'fc' if name_only else self.fc
+@patch
+def get_classifier(self:Res2Net, name_only=False): return 'fc' if name_only else self.fc
 
-    def reset_classifier(self, num_classes:int, global_pool=None):
-        "timm's: a fresh `num_classes` classifier (0: none) and, if given, pooling `global_pool`"
-        if global_pool is not None: self.global_pool, self.flatten = _pooling(global_pool, num_classes)
-        elif num_classes and isinstance(self.global_pool, nn.Identity):
-            raise ValueError("The model has no global pooling: pass global_pool='avg' or 'max' with num_classes > 0.")
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+@patch
+def reset_classifier(self:Res2Net, num_classes:int, global_pool=None):
+    "timm's: a fresh `num_classes` classifier (0: none) and, if given, pooling `global_pool`"
+    if global_pool is not None: self.global_pool, self.flatten = _pooling(global_pool, num_classes)
+    elif num_classes and isinstance(self.global_pool, nn.Identity):
+        raise ValueError("The model has no global pooling: pass global_pool='avg' or 'max' with num_classes > 0.")
+    self.num_classes = num_classes
+    self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
-    def group_matcher(self, coarse=False):
-        return dict(stem=r'^(conv1|bn1|act1|stem\d|maxpool)', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+@patch
+def group_matcher(self:Res2Net, coarse=False):
+    return dict(stem=r'^(conv1|bn1|act1|stem\d|maxpool)', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
 # %% ../nbs/02_models.ipynb #10759058
 _R50, _R101, _R152 = (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
@@ -195,7 +173,8 @@ _D = dict(stem_type='deep', avg_down=True)
 _PLUS = dict(stem_type='xresnet', avg_down=True, act_cls=nn.Mish, bn_1st=False)
 
 def _row(layers, base_width=26, scale=4, imagenet=None, params_m=None, **kw):
-    return dict(arch=dict(layers=layers, base_width=base_width, scale=scale, **kw), imagenet=imagenet, params_m=params_m)
+    arch = dict(layers=layers, base_width=base_width, scale=scale, **kw)
+    return dict(arch=arch, imagenet=imagenet, params_m=params_m)
 
 RES2NET_VARIANTS = {
     'res2net50_26w_4s':    _row(_R50, 26, 4, 'res2net50_26w_4s', 25.70),
@@ -239,20 +218,24 @@ def _build_res2net(variant:str, pretrained:bool, weights, cache_dir, **kwargs) -
     model = Res2Net(**{**row['arch'], **kwargs})
     if weights is not None: load_weights(model, read_weights(weights), source=f'weights file {weights}', name=variant)
     elif pretrained:
-        load_weights(model, fetch_imagenet_weights(row['imagenet'], cache_dir), source=f"{row['imagenet']} ImageNet weights")
+        load_weights(model, fetch_imagenet_weights(row['imagenet'], cache_dir),
+                     source=f"{row['imagenet']} ImageNet weights")
     return model
 
 def create_res2net(variant:str, pretrained:bool=False, weights=None, n_out:int=1000, **kwargs) -> Res2Net:
-    "Build `variant` (kwargs override its configuration) with ImageNet weights (`pretrained`) or a local file (`weights`)"
+    "Build `variant` (kwargs override its settings) with ImageNet weights (`pretrained`) or a local file (`weights`)"
     row = variant_row(variant)
     if isinstance(weights, str) and weights.upper() == 'DEFAULT': pretrained, weights = True, None
-    cfg, overlay, cache_dir = kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None), kwargs.pop('cache_dir', None)
-    if pretrained and weights is None and (overlay or {}).get('file'): weights = overlay['file']  # timm's way to name a local file
+    cfg, overlay = kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None)
+    cache_dir = kwargs.pop('cache_dir', None)
+    if pretrained and weights is None and (overlay or {}).get('file'):
+        weights = overlay['file']  # timm's way to name a local file
     if pretrained and weights is None and row['imagenet'] is None:
         raise ValueError(f"No ImageNet weights exist for {variant}. Use pretrained=False for random init, or pass "
                          "weights='path/to/checkpoint' saved from this variant.")
     kwargs.setdefault('num_classes', n_out)
-    return build_model_with_cfg(partial(_build_res2net, variant, pretrained, weights, cache_dir), variant, pretrained=False,
+    build = partial(_build_res2net, variant, pretrained, weights, cache_dir)
+    return build_model_with_cfg(build, variant, pretrained=False,
                                 pretrained_cfg=cfg if isinstance(cfg, dict) else _cfg(variant), **kwargs)
 
 # %% ../nbs/02_models.ipynb #0221f8ab
@@ -292,6 +275,7 @@ def res2net101d(pretrained=False, weights=None, n_out=1000, **kwargs):
     "Res2Net-101 v1b/d (deep stem, avg-pool shortcut): 45.23 M params, 18.77 % top-1 error (paper)"
     return create_res2net('res2net101d', pretrained, weights, n_out, **kwargs)
 
+# %% ../nbs/02_models.ipynb #1cad4c48
 def res2netplus50(pretrained=False, weights=None, n_out=1000, **kwargs):
     "Res2NetPlus-50 26w×4s: Mish, 3-conv stem, act→BN; ImageNet weights transferred from res2net50d"
     return create_res2net('res2netplus50', pretrained, weights, n_out, **kwargs)
@@ -331,7 +315,8 @@ RES2NET_FACTORIES = {f.__name__: f for f in (
 
 # %% ../nbs/02_models.ipynb #ad1282e4
 class Res2NetBody(CheckedSequential):
-    "A learner's body: the stem and stages of a `Res2Net`, numbered as fastai's `create_body` numbers them, checking its input as the network does"
+    """A learner's body: the stem and stages of a `Res2Net`, numbered as fastai's `create_body` numbers them, checking
+    its input as the network does"""
 
 def res2net_body(model:Res2Net) -> Res2NetBody:
     "fastai's `cut` for a `Res2Net`: everything before the global pool, as a `Res2NetBody`"
@@ -372,11 +357,13 @@ def res2net_factory(arch):
 def create_res2net_from_arch(arch, **kwargs) -> Res2Net:
     "`arch` (a variant name or a factory) called with `kwargs`; refused with the fix unless it builds a `Res2Net`"
     f = res2net_factory(arch)
-    name = getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', repr(f))  # a partial: its function
+    # a partial is named by its function
+    name = getattr(f, '__name__', None) or getattr(getattr(f, 'func', None), '__name__', repr(f))
     try: model = f(**kwargs)
     except TypeError as e:  # torchvision's and fastai's factories take other arguments
         if f in RES2NET_FACTORIES.values(): raise
         raise ValueError(f"arch={name} is not a Res2Net factory ({e}): pass one such as res2netplus50.") from None
     if not isinstance(model, Res2Net):
-        raise ValueError(f"arch={name} built a {type(model).__name__}, not a Res2Net: pass a factory such as res2netplus50.")
+        raise ValueError(f"arch={name} built a {type(model).__name__}, not a Res2Net: "
+                         "pass a factory such as res2netplus50.")
     return model

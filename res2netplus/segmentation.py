@@ -20,8 +20,7 @@ from fastai.data.transforms import get_c
 from fastai.vision.learner import create_body, model_meta, _add_norm, _default_meta
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
-from .models import (resolve_arch as _arch, res2net_factory as _res2net_factory,
-                                create_res2net_from_arch as _build_res2net)
+from .models import resolve_arch, res2net_factory, create_res2net_from_arch
 from .learner import RECIPE, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
 from .distributed import ProcessShare
 
@@ -213,9 +212,9 @@ def create_seg_model(arch, n_out:int, head:str='unet', img_size=(64, 64), pretra
     if head not in SEG_HEADS: raise ValueError(f"Unknown head {head!r}: use one of {', '.join(SEG_HEADS)}.")
     if not (isinstance(n_out, int) and n_out >= 1):
         raise ValueError(f"n_out must be the number of classes (an integer >= 1), got {n_out!r}.")
-    arch = _res2net_factory(arch)
-    model = _build_res2net(arch, pretrained=pretrained, weights=weights,
-                           output_stride=output_stride or DEFAULT_OUTPUT_STRIDE[head])
+    arch = res2net_factory(arch)
+    model = create_res2net_from_arch(arch, pretrained=pretrained, weights=weights,
+                                     output_stride=output_stride or DEFAULT_OUTPUT_STRIDE[head])
     body = create_body(model, n_in, pretrained, cut=model_meta.get(arch, _default_meta)['cut'] or -4)
     if head == 'unet': return DynamicUnet(body, n_out, tuple(img_size), **head_kwargs)
     return SEG_HEADS[head](body, n_out, **head_kwargs)
@@ -244,7 +243,7 @@ def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|No
     if not n_out:
         raise ValueError("The number of classes is unknown: build the DataLoaders with MaskBlock(codes) or pass n_out.")
     pretrained = pretrained or weights is not None
-    if normalize: _add_norm(dls, model_meta.get(_arch(arch), _default_meta), pretrained, n_in)
+    if normalize: _add_norm(dls, model_meta.get(resolve_arch(arch), _default_meta), pretrained, n_in)
     img_size = dls.one_batch()[0].shape[-2:] if head == 'unet' else (64, 64)
     model = create_seg_model(arch, n_out, head, img_size, pretrained, weights, output_stride, n_in, **kwargs)
     metrics = [MeanDice(ignore_index), MeanIoU(ignore_index)] if metrics is None else metrics

@@ -1,5 +1,6 @@
-"""Fault injection: a damaged image in the data, a crash while a checkpoint is written, a data loader worker killed mid-epoch.
-Each run must stop with a message that names the fix, or skip cleanly, and lose nothing it had already saved."""
+"""Fault injection: a damaged image in the data, a crash while a checkpoint is written, a data loader worker killed
+mid-epoch. Each run must stop with a message that names the fix, or skip cleanly, and lose nothing it had already
+saved."""
 import os, shutil, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
@@ -26,7 +27,8 @@ def test_damaged_image_stops_the_run_before_training(image_folder, tmp_path, cap
     assert not (out/'checkpoint.pth').exists()  # stopped before any training
 
 def test_crash_while_saving_a_checkpoint_keeps_the_last_one(dls, tmp_path, monkeypatch):
-    "The second epoch's save dies half-way (disk full): the first epoch's checkpoint is intact and the run resumes from it"
+    """The second epoch's save dies half-way (disk full): the first epoch's checkpoint is intact and the run resumes
+    from it"""
     real_save, calls = torch.save, []
     def failing_save(obj, f, *a, **k):
         calls.append(f)
@@ -61,12 +63,16 @@ KILL_WORKERS = textwrap.dedent("""
 
 def test_killed_data_loader_worker_stops_cleanly_and_resumes(image_folder, tmp_path):
     out = tmp_path/'run'
-    args = ['train', '--data', str(image_folder), '--epochs', '2', '--size', '64', '--bs', '4', '--mix', 'none', '--workers', '1', '--out', str(out)]
+    args = ['train', '--data', str(image_folder), '--epochs', '2', '--size', '64', '--bs', '4', '--mix', 'none',
+            '--workers', '1', '--out', str(out)]
     env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
-    r = subprocess.run([sys.executable, '-c', KILL_WORKERS, *args], capture_output=True, text=True, timeout=900, env=env)
+    r = subprocess.run([sys.executable, '-c', KILL_WORKERS, *args], capture_output=True, text=True, timeout=900,
+                       env=env)
     assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-4000:]
     assert 'data loader worker died' in r.stderr and '--resume' in r.stderr and 'Traceback' not in r.stderr
     assert read_checkpoint(out/'checkpoint.pth')['epoch'] == 0 and (out/'best.safetensors').exists()
-    r = subprocess.run([sys.executable, '-m', 'res2netplus.cli', 'train', '--resume', '--out', str(out)], capture_output=True, text=True, timeout=900, env=env)
+    r = subprocess.run([sys.executable, '-m', 'res2netplus.cli', 'train', '--resume', '--out', str(out)],
+                       capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert 'resuming' in r.stdout and read_checkpoint(out/'checkpoint.pth')['epoch'] == 1 and (out/'metrics.json').exists()
+    assert 'resuming' in r.stdout and read_checkpoint(out/'checkpoint.pth')['epoch'] == 1
+    assert (out/'metrics.json').exists()

@@ -1,4 +1,5 @@
-"Long runs from the command line: per-epoch checkpoints, --resume to the same final weights, the best weights, NaN stops, damaged checkpoints"
+"""Long runs from the command line: per-epoch checkpoints, --resume to the same final weights, the best weights, NaN
+stops, damaged checkpoints"""
 import json, subprocess, sys
 import pytest, torch
 from safetensors.torch import load_file
@@ -7,7 +8,8 @@ RUN = ['--size', '32', '--bs', '8', '--epochs', '3', '--workers', '0']
 
 def cli_with(patch:str, *args):
     "The command line in a new process, after `patch` (Python) has replaced a piece of res2netplus.learner"
-    code = f"import sys, torch\nimport res2netplus.learner as L\n{patch}\nfrom res2netplus.cli import main\nsys.exit(main())"
+    code = (f"import sys, torch\nimport res2netplus.learner as L\n{patch}\n"
+            "from res2netplus.cli import main\nsys.exit(main())")
     return subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True, timeout=900)
 
 def cli(*args): return cli_with('', *args)
@@ -44,7 +46,8 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(image_folder, tmp_
 def test_same_seed_same_run_on_cpu(image_folder, tmp_path):
     runs = []
     for name in ('a', 'b'):
-        r = cli('train', '--data', str(image_folder), '--size', '32', '--bs', '8', '--epochs', '1', '--workers', '0', '--out', str(tmp_path/name))
+        r = cli('train', '--data', str(image_folder), '--size', '32', '--bs', '8', '--epochs', '1', '--workers', '0',
+                '--out', str(tmp_path/name))
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(load_file(tmp_path/name/'model.safetensors'))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -60,7 +63,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(image_folder, tm
     out = tmp_path/'run'
     r = cli_with(NAN_IN_EPOCH_1, 'train', '--data', str(image_folder), *RUN, '--out', str(out))
     assert r.returncode == 3, r.stderr[-3000:]
-    assert 'NaN or infinite at epoch 1, batch 1' in r.stderr and 'checkpoint.pth' in r.stderr and 'Traceback' not in r.stderr
+    assert 'NaN or infinite at epoch 1, batch 1' in r.stderr and 'checkpoint.pth' in r.stderr
+    assert 'Traceback' not in r.stderr
     ckpt = torch.load(out/'checkpoint.pth', weights_only=True)
     assert ckpt['epoch'] == 0 and (out/'best.safetensors').is_file() and not (out/'export.pkl').exists()
 

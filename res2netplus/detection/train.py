@@ -77,7 +77,8 @@ def train_detection(data=None, out='runs/detection', task:str='detect', arch:str
     settings = dict(data=data, out=out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
                     weights=weights, seed=seed, workers=workers, valid_pct=valid_pct, augs=augs, detector=detector,
                     sync_bn=sync_bn, model_kwargs=model_kwargs)
-    return run_task(DETECT if task == 'detect' else INSTANCE, settings, checkpoint=resume_from, args=(run_info or {}).get('args'))
+    return run_task(DETECT if task == 'detect' else INSTANCE, settings, checkpoint=resume_from,
+                    args=(run_info or {}).get('args'))
 
 # %% ../../nbs/07j_detection.train.ipynb #413d82e9
 def predict_detection(model, image_path, thresh:float=0.5) -> dict:
