@@ -40,12 +40,18 @@ def find_cycle(graph:dict):
         if m not in state and (cycle := visit(m)): return cycle
     return None
 
-def test_the_graph_sees_relative_absolute_and_lazy_imports():
+def test_the_graph_sees_relative_absolute_and_lazy_imports(tmp_path):
     graph = import_graph()
     assert 'res2netplus.detection.cascade' in graph['res2netplus.detection.learner']  # from .cascade import …
     assert 'res2netplus.detection.train' in graph['res2netplus.detection']  # from . import train
     assert 'res2netplus.models' in graph['res2netplus.detection.backbone']  # from ..models import …
-    assert 'res2netplus.detection' in graph['res2netplus.cli']  # inside a function
+    pkg = tmp_path/'pkg'; (pkg/'sub').mkdir(parents=True)
+    for f in ('__init__.py', 'sub/__init__.py'): (pkg/f).write_text('')
+    (pkg/'a.py').write_text('def f():\n    from pkg.sub import b\n')  # inside a function, absolute
+    (pkg/'sub'/'b.py').write_text('from ..a import f\n')
+    lazy = import_graph(pkg)
+    assert lazy['pkg.a'] == {'pkg.sub', 'pkg.sub.b'} and lazy['pkg.sub.b'] == {'pkg.a'}
+    assert find_cycle(lazy) == ['pkg.a', 'pkg.sub.b', 'pkg.a']
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
     assert find_cycle({'a': {'b'}, 'b': set(), 'c': {'a', 'b'}}) is None
 
