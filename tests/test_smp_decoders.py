@@ -36,7 +36,7 @@ class _PastedMasks(Callback):
         if self.training and cutmix.lam is not None: self.pasted += int((cutmix.lam < 1).sum())
 
 def test_smp_fpn_trains_in_a_fastai_learner_with_albumentations_and_cutmix(tmp_path):
-    path = make_shapes(tmp_path/'shapes', n_images=20, size=64, seed=0)
+    path = make_shapes(tmp_path/'shapes', n_images=15, size=64, seed=0)
     codes = read_codes(path/'codes.txt')
     dls = DataBlock(blocks=(ImageBlock, MaskBlock(codes)), get_items=image_files,
                     get_y=MaskFromImage(path/'masks'), splitter=RandomSplitter(0.2, seed=0),
@@ -47,9 +47,9 @@ def test_smp_fpn_trains_in_a_fastai_learner_with_albumentations_and_cutmix(tmp_p
     pasted = _PastedMasks()
     learn = Learner(dls, model, loss_func=SegmentationLoss(ignore_index=255), opt_func=Adam,
                     metrics=MeanIoU(255), cbs=[CutMix(), pasted])
-    learn.fit(4, 3e-3)
+    learn.fit(3, 3e-3)
     losses = [float(l) for l in learn.recorder.losses]
-    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses  # measured: 2.9 to 1.7
     assert pasted.pasted > 0
     pred = learn.predict(dls.valid_ds.items[0])[0]
     assert pred.shape == (64, 64)
