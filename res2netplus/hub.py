@@ -396,4 +396,4 @@ def from_pretrained(repo_or_dir, revision:str|None=None, cache_dir=None, local_d
     if not weights.is_file(): raise ValueError(f"No model.safetensors in {path}: upload it beside config.json.")
     model = load_model_state(build_model(cfg), safetensors.torch.load_file(weights), str(weights),
                              "it belongs to another model than config.json describes: keep the two files together.")
-    return inference_learner(cfg, model.eval(), device)
+    return inference_learner(cfg, model.eval().to(device or 'cpu'), device)
