@@ -58,7 +58,8 @@ def test_segmentation_round_trip(seg_dls, head, tmp_path):
     learn = res2netplus_seg_learner(seg_dls, TINY, head=head, mix=None, precision=None, pretrained=False)
     img = _image(tmp_path)
     want = learn.predict(img)
-    again = from_pretrained(save_pretrained(learn, tmp_path/'m'))
+    # the U-Net skips save_pretrained's own rebuild (a third U-Net, about 20 s): this round trip checks the same
+    again = from_pretrained(save_pretrained(learn, tmp_path/'m', check=head != 'unet'))
     got = again.predict(img)
     assert torch.equal(got[0], want[0]) and torch.allclose(got[2], want[2], atol=1e-5)
     assert json.loads((tmp_path/'m'/'config.json').read_text())['classes'] == ['bg', 'fg']
