@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 deps_ok() {
   "$PY" - <<'PYEOF' 2>/dev/null || return 1
 import torch, torchvision, fastai, timm, albumentations, safetensors, nbdev, pytest, hypothesis
-import pycocotools, onnx, onnxruntime, onnxscript, accelerate
+import pycocotools, onnx, onnxruntime, onnxscript, accelerate, huggingface_hub, segmentation_models_pytorch
 from packaging.version import Version as V
 assert V(torch.__version__.split('+')[0]) >= V('2.4')
 assert V(fastai.__version__) >= V('2.8.12') and V(timm.__version__) >= V('1.0')
@@ -19,7 +19,7 @@ PYEOF
 }
 
 if ! deps_ok; then
-  echo "setup: installing dependencies (torch/torchvision, fastai, timm, albumentations, nbdev 3, pytest, ruff)..."
+  echo "setup: installing dependencies (torch/torchvision, fastai, timm, albumentations, nbdev 3, pytest, ruff, smp)..."
   # torchvision's wheels need the CUDA build of torch (it runs fine on CPU); a CPU-only torch 2.13 wheel
   # that may sit on the machine cannot import them, so pin the pair explicitly.
   "$PY" -m pip install -q --disable-pip-version-check "torch==2.14.*" "torchvision==0.29.*"
