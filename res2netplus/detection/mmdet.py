@@ -252,9 +252,9 @@ def _fit_report(converted:dict, unmapped:list, target:dict, layout:str) -> str:
 def load_mmdet_checkpoint(model:nn.Module, checkpoint, layout:str|None=None, mmdet_inference:bool=True,
                           weights_only:bool=True) -> nn.Module:
     """Load an mmdetection checkpoint (a path, a loaded file or a state dict) of one of the five R2-101-FPN detectors
-    into `model`, ours with `num_classes=81`; `mmdet_inference` then applies `mmdet_test_cfg`. Verified against
-    mmdetection's forward pass re-implemented from its source, on synthetic files of the exact layouts (see "How far
-    this is verified"); a file named `…-<sha256 prefix>.pth` is checked against its name."""
+    into `model`, ours with `num_classes=81`; `mmdet_inference` then applies `mmdet_test_cfg`. Verified on synthetic
+    files of the exact layouts against mmdetection's forward pass, re-implemented and (mmcv.ops stubbed) its own (see
+    "How far this is verified"); a file named `…-<sha256 prefix>.pth` is checked against its name."""
     if isinstance(checkpoint, (str, Path)):
         check_sha256_prefix(checkpoint)
         try: checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=weights_only)
