@@ -112,10 +112,10 @@ def mmdet_state_dict(layout:str, depth:int=101, seed:int=0) -> dict:
     return {k: _value(k, v, g) for k, v in layout_shapes(layout, depth).items()}
 
 
-def mmdet_checkpoint(layout:str, version:int=2, depth:int=101, seed:int=0) -> dict:
+def mmdet_checkpoint(layout:str, version:int=2, depth:int=101, seed:int=0, state_dict:dict|None=None) -> dict:
     "A checkpoint as mmdetection saves it: 2.x `{'meta', 'state_dict'}`; 3.x adds the runner's state"
     meta = {'mmdet_version': '2.0.0', 'CLASSES': tuple(f'class{i}' for i in range(80)), 'epoch': 24, 'iter': 0}
-    ckpt = {'meta': meta, 'state_dict': mmdet_state_dict(layout, depth, seed)}
+    ckpt = {'meta': meta, 'state_dict': mmdet_state_dict(layout, depth, seed) if state_dict is None else state_dict}
     if version == 3:
         meta.update(mmdet_version='3.3.0', dataset_meta={'classes': meta.pop('CLASSES')})
         ckpt.update(message_hub={'log_scalars': {}}, optimizer={'state': {}, 'param_groups': []},
