@@ -113,7 +113,7 @@ def forward_stages_train(self:CascadeRoIHeads, features:dict, proposals:list, im
 @patch
 def stage_extra_losses(self:CascadeRoIHeads, stage:int, features:dict, samples:StageSamples, box_deltas:Tensor,
                        image_shapes:list, targets:list) -> dict:
-    "Per-stage branches: with a mask head on every stage, its loss on the stage's positive RoIs, weighted like the stage"
+    "Per-stage branches: with a mask head per stage, its loss on the stage's positive RoIs, weighted like the stage"
     if self.mask_stages != 'every': return {}
     boxes, matched = samples.positives()
     logits = self.mask_heads[stage](self.mask_features(features, boxes, image_shapes))

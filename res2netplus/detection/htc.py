@@ -114,8 +114,9 @@ def semantic_loss(self:HybridTaskCascadeRoIHeads, logits:Tensor, targets:list, i
     for t, shape in zip(targets, image_shapes):
         if 'semantic' in t: semantic = t['semantic']
         elif self.semantic_from_instances and 'masks' in t: semantic = semantic_from_instances(t)
-        else: raise ValueError("This HTC has a semantic branch: every target needs 'semantic', an (H, W) map of class "
-                               "ids (255: ignore), or build it with semantic_from_instances=True or semantic_classes=None.")
+        else: raise ValueError("This HTC has a semantic branch: every target needs 'semantic', an (H, W) map of "
+                               "class ids (255: ignore); or build it with semantic_from_instances=True, or with "
+                               "semantic_classes=None.")
         maps.append(semantic_target(semantic.to(logits.device), shape, logits.shape[-2:], self.semantic_stride))
     return self.semantic_loss_weight * F.cross_entropy(logits.float(), torch.stack(maps),
                                                        ignore_index=SEMANTIC_IGNORE)
@@ -156,8 +157,8 @@ class HybridTaskCascade(CascadeRCNN):
                                                                             rh.box_roi_pool.sampling_ratio)
         self.roi_heads = HybridTaskCascadeRoIHeads(
             rh.box_roi_pool, rh.stages, mask_roi_pool, heads, rh.score_thresh, rh.nms_thresh, rh.detections_per_img,
-            rh.score_average, semantic_loss_weight=semantic_loss_weight, semantic_from_instances=semantic_from_instances,
-            mask_info_flow=mask_info_flow, interleaved=interleaved, **semantic)
+            rh.score_average, semantic_loss_weight=semantic_loss_weight, mask_info_flow=mask_info_flow,
+            semantic_from_instances=semantic_from_instances, interleaved=interleaved, **semantic)
 
 # %% ../../nbs/07k_detection.htc.ipynb #b2f8000f
 def htc_res2net_fpn(arch='res2netplus50', num_classes:int=91, pretrained_backbone:bool=False, weights_backbone=None,
