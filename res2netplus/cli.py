@@ -64,7 +64,7 @@ _TRAIN_HELP = dict(
          '(JPEGImages/ + Annotations/); none: generated shapes',
     task='classify (a label per image), segment (a class per pixel), detect (boxes) or instance (boxes and masks)',
     head='segment: the decoder, unet, fpn or deeplabv3plus',
-    detector='detect/instance: rcnn (Faster/Mask R-CNN) or cascade (Cascade R-CNN)',
+    detector='detect/instance: rcnn (Faster/Mask R-CNN), cascade (Cascade (Mask) R-CNN) or htc (instance only)',
     output_stride="segment: the backbone's output stride, 8, 16 or 32 (default: the head's)",
     arch='a variant, e.g. res2netplus50, res2net50d',
     size='image size in pixels (detection: the shorter side; default: 64, detection 128)',

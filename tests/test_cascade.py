@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 from res2netplus.detection.cascade import *
+from res2netplus.detection.heads import FCNMaskHead
 
 TINY = dict(layers=(1, 1, 1, 1), out_channels=64, min_size=96, max_size=128, representation_size=64, mask_channels=32,
             box_batch_size_per_image=64, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
@@ -92,7 +93,7 @@ def test_images_without_objects_train():
               'masks': torch.zeros(0, *img.shape[1:])} for img in images]
     losses = m(images, empty)
     assert all(torch.isfinite(v) for v in losses.values())
-    assert all(losses[f'loss_box_reg_s{i}'] == 0 for i in (1, 2, 3)) and losses['loss_mask'] == 0
+    assert all(losses[f'loss_box_reg_s{i}'] == 0 and losses[f'loss_mask_s{i}'] == 0 for i in (1, 2, 3))
     assert all(losses[f'loss_classifier_s{i}'] > 0 for i in (1, 2, 3))
     sum(losses.values()).backward()
 
@@ -131,7 +132,7 @@ def test_detection_learner_trains_exports_and_predicts(tmp_path):
     learn = detection_learner(dls, model, path=tmp_path)
     learn.fit_one_cycle(3, 0.01)
     names = learn.recorder.metric_names
-    assert {'box_AP', 'mask_AP', 'loss_classifier_s3', 'loss_box_reg_s1', 'loss_mask'} <= set(names), names
+    assert {'box_AP', 'mask_AP', 'loss_classifier_s3', 'loss_box_reg_s1', 'loss_mask_s1', 'loss_mask_s3'} <= set(names)
     losses = [sum(p.values()) for p in learn.det_cb.train_parts]
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     det = learn.predict(path/'images'/'0000.png', thresh=0.)
@@ -139,3 +140,31 @@ def test_detection_learner_trains_exports_and_predicts(tmp_path):
     learn.export('cascade.pkl')
     det2 = load_learner(tmp_path/'cascade.pkl').predict(path/'images'/'0000.png', thresh=0.)
     assert torch.allclose(det2['boxes'], det['boxes'], atol=1e-4)
+
+def test_mask_stages_every_or_last():
+    "A mask head per stage by default (mmdetection's Cascade Mask R-CNN); 'last' is the earlier one-head layout"
+    torch.manual_seed(0)
+    every = cascade_rcnn_res2net_fpn('res2net50d', 3, mask=True, **TINY)
+    last = cascade_rcnn_res2net_fpn('res2net50d', 3, mask=True, mask_stages='last', **TINY)
+    assert every.roi_heads.mask_stages == 'every' and len(every.roi_heads.mask_heads) == 3
+    assert last.roi_heads.mask_stages == 'last' and last.roi_heads.mask_heads is None
+    assert all(isinstance(h, FCNMaskHead) for h in every.roi_heads.mask_heads)
+    images, targets = shapes_batch(2)
+    l_every, l_last = every.train()(images, targets), last.train()(images, targets)
+    assert {f'loss_mask_s{i}' for i in (1, 2, 3)} <= set(l_every) and 'loss_mask' not in l_every
+    assert 'loss_mask' in l_last and not any(k.startswith('loss_mask_s') for k in l_last)
+    # the mask heads' extra parameters: two more heads
+    n_every = sum(p.numel() for p in every.roi_heads.parameters())
+    n_last = sum(p.numel() for p in last.roi_heads.parameters())
+    one_head = sum(p.numel() for p in every.roi_heads.mask_heads[0].parameters())
+    assert n_every - n_last == 2 * one_head
+    # an old pickle's CascadeRoIHeads has no mask_stages attribute: the class default says 'last'
+    state = last.roi_heads.__dict__.copy(); state.pop('mask_stages'); state.pop('mask_heads', None)
+    old = CascadeRoIHeads.__new__(CascadeRoIHeads); old.__dict__.update(state)
+    assert old.mask_stages == 'last' and old.has_mask() and 'loss_mask' in old.loss_names
+    with torch.no_grad():
+        feats = last.backbone(torch.rand(1, 3, 96, 96))
+        assert torch.equal(old.eval()(feats, [torch.tensor([[10., 10, 60, 60]])], [(96, 96)])[0][0]['boxes'],
+                           last.roi_heads.eval()(feats, [torch.tensor([[10., 10, 60, 60]])], [(96, 96)])[0][0]['boxes'])
+    with pytest.raises(ValueError, match="'every'"): cascade_rcnn_res2net_fpn('res2net50d', 3, mask=True,
+                                                                            mask_stages='all', **TINY)

@@ -7,232 +7,193 @@ on Res2Net-FPN backbones: `cascade_rcnn_res2net_fpn`, `CascadeRCNN`, `CascadeRoI
 # %% ../../nbs/07g_detection.cascade.ipynb #c7a10004
 from __future__ import annotations
 import inspect
-from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
+from fastcore.basics import patch
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection._utils import BoxCoder, Matcher, BalancedPositiveNegativeSampler
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_loss, maskrcnn_inference
 from .backbone import res2net_fpn_backbone
 from .rcnn import rpn_anchor_generator, split_rcnn_kwargs, _no_detector_weights
+from .heads import *
+# defined here before `detection.heads` took them: an export.pkl may name them under this module
+from .heads import (CASCADE_IOUS, CASCADE_STDS, CASCADE_LOSS_WEIGHTS, stds_to_weights,
+                                         CascadeBoxPredictor, StageSamples, CascadeStage)
+_all_ = ['CASCADE_IOUS', 'CASCADE_STDS', 'CASCADE_LOSS_WEIGHTS', 'stds_to_weights', 'CascadeBoxPredictor',
+         'StageSamples', 'CascadeStage']
 
 # %% auto #0
-__all__ = ['CASCADE_IOUS', 'CASCADE_STDS', 'CASCADE_LOSS_WEIGHTS', 'CASCADE_REFERENCE', 'CASCADE_DETECTORS', 'stds_to_weights',
-           'CascadeBoxPredictor', 'StageSamples', 'CascadeStage', 'CascadeRoIHeads', 'cascade_stages', 'CascadeRCNN',
+__all__ = ['CASCADE_REFERENCE', 'CASCADE_DETECTORS', 'CascadeRoIHeads', 'cascade_stages', 'CascadeRCNN', 'cascade_detector',
            'cascade_rcnn_res2net_fpn', 'cascade_mask_rcnn_res2net_fpn', 'cascade_rcnn_res2netplus50_fpn',
            'cascade_mask_rcnn_res2netplus50_fpn', 'cascade_rcnn_res2net101d_fpn', 'cascade_mask_rcnn_res2net101d_fpn',
-           'cascade_rcnn_res2netplus101_fpn', 'cascade_mask_rcnn_res2netplus101_fpn']
-
-# %% ../../nbs/07g_detection.cascade.ipynb #c7a10006
-CASCADE_IOUS = (0.5, 0.6, 0.7)
-CASCADE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
-CASCADE_LOSS_WEIGHTS = (1., 0.5, 0.25)
-
-def stds_to_weights(stds) -> tuple:
-    "torchvision `BoxCoder` weights for mmdetection's target stds: dividing a delta by std is multiplying by 1/std"
-    if len(stds) != 4 or min(stds) <= 0:
-        raise ValueError(f"Target stds are 4 positive numbers (dx, dy, dw, dh), got {stds!r}.")
-    return tuple(1. / float(s) for s in stds)
-
-# %% ../../nbs/07g_detection.cascade.ipynb #c7a10007
-class CascadeBoxPredictor(nn.Module):
-    "Class logits (background at 0) and one class-agnostic box delta per RoI"
-    def __init__(self, in_channels:int, num_classes:int):
-        super().__init__()
-        self.cls_score, self.bbox_pred = nn.Linear(in_channels, num_classes), nn.Linear(in_channels, 4)
-        # mmdetection's init: small deltas, so an untrained stage leaves the boxes almost where they are
-        nn.init.normal_(self.cls_score.weight, std=0.01); nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias); nn.init.zeros_(self.bbox_pred.bias)
-
-    def forward(self, x:Tensor):
-        x = x.flatten(1)
-        return self.cls_score(x), self.bbox_pred(x)
-
-@dataclass
-class StageSamples:
-    "The RoIs one stage trains on, per image: boxes, matched GT box index, class (0 background), whether a GT box"
-    boxes: list
-    matched_idxs: list
-    labels: list
-    is_gt: list
-
-# %% ../../nbs/07g_detection.cascade.ipynb #6c995c8c
-class CascadeStage(nn.Module):
-    "One cascade stage: box head + class-agnostic predictor, and the matcher, sampler, box coder and loss weight"
-    def __init__(self, box_head:nn.Module, box_predictor:nn.Module, iou_thresh:float=0.5,
-                 reg_weights=(10., 10., 5., 5.), loss_weight:float=1., batch_size_per_image:int=512,
-                 positive_fraction:float=0.25, box_loss_beta:float=1.):
-        super().__init__()
-        if not 0 < iou_thresh < 1: raise ValueError(f"iou_thresh is an IoU in (0, 1), got {iou_thresh!r}.")
-        self.box_head, self.box_predictor = box_head, box_predictor
-        self.iou_thresh, self.loss_weight = float(iou_thresh), float(loss_weight)
-        self.box_loss_beta = float(box_loss_beta)
-        self.box_coder = BoxCoder(tuple(float(w) for w in reg_weights))
-        self.proposal_matcher = Matcher(iou_thresh, iou_thresh, allow_low_quality_matches=False)
-        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
-
-    def forward(self, roi_features:Tensor):
-        "Class logits (N, num_classes) and box deltas (N, 4) for pooled RoI features"
-        return self.box_predictor(self.box_head(roi_features))
-
-    def match(self, boxes:Tensor, gt_boxes:Tensor, gt_labels:Tensor):
-        "Index of the best GT box and class of every box at this stage's IoU threshold (0: background)"
-        if gt_boxes.numel() == 0:
-            zeros = torch.zeros(len(boxes), dtype=torch.int64, device=boxes.device)
-            return zeros, zeros.clone()
-        matched = self.proposal_matcher(box_ops.box_iou(gt_boxes, boxes))
-        labels = gt_labels[matched.clamp(min=0)].to(torch.int64)
-        labels[matched < 0] = 0  # threshold low == high: nothing is ignored, everything below is background
-        return matched.clamp(min=0), labels
-
-    def sample(self, boxes:list, gt_boxes:list, gt_labels:list) -> StageSamples:
-        "Add the GT boxes to each image's `boxes`, match at this stage's IoU, draw the balanced sample"
-        all_boxes, all_matched, all_labels, all_gt = [], [], [], []
-        for b, gb, gl in zip(boxes, gt_boxes, gt_labels):
-            b = torch.cat([b, gb.to(b.dtype)])
-            is_gt = torch.arange(len(b), device=b.device) >= len(b) - len(gb)
-            matched, labels = self.match(b, gb.to(b.dtype), gl)
-            all_boxes.append(b); all_matched.append(matched); all_labels.append(labels); all_gt.append(is_gt)
-        pos, neg = self.fg_bg_sampler(all_labels)
-        keep = [torch.where(p | n)[0] for p, n in zip(pos, neg)]
-        return StageSamples(*[[x[k] for x, k in zip(xs, keep)] for xs in (all_boxes, all_matched, all_labels, all_gt)])
-
-    def losses(self, class_logits:Tensor, box_deltas:Tensor, samples:StageSamples, gt_boxes:list):
-        "Unweighted cross-entropy over the sample, smooth-L1 on the positives' encoded deltas (summed, / sample size)"
-        labels = torch.cat(samples.labels)
-        if labels.numel() == 0: return class_logits.sum() * 0, box_deltas.sum() * 0  # nothing to learn, and no NaN
-        loss_cls = F.cross_entropy(class_logits, labels)
-        pos = [l > 0 for l in samples.labels]
-        matched_gt = torch.cat([g[m[p]] for g, m, p in zip(gt_boxes, samples.matched_idxs, pos)])
-        targets = self.box_coder.encode_single(matched_gt, torch.cat([b[p] for b, p in zip(samples.boxes, pos)]))
-        loss_box = F.smooth_l1_loss(box_deltas[labels > 0].float(), targets, beta=self.box_loss_beta, reduction='sum')
-        return loss_cls, loss_box / max(1, labels.numel())
-
-    def refine(self, box_deltas:Tensor, boxes:list, image_shapes:list) -> list:
-        "Decode the deltas onto `boxes` (one tensor per image), clipped to each image; float32, exact under autocast"
-        decoded = self.box_coder.decode_single(box_deltas.float(), torch.cat(boxes).float())
-        return [box_ops.clip_boxes_to_image(d, s) for d, s in zip(decoded.split([len(b) for b in boxes]), image_shapes)]
+           'cascade_rcnn_res2netplus101_fpn', 'cascade_mask_rcnn_res2netplus101_fpn', 'CASCADE_IOUS', 'CASCADE_STDS',
+           'CASCADE_LOSS_WEIGHTS', 'stds_to_weights', 'CascadeBoxPredictor', 'StageSamples', 'CascadeStage']
 
 # %% ../../nbs/07g_detection.cascade.ipynb #c7a10009
 class CascadeRoIHeads(nn.Module):
     "Cascade R-CNN's RoI heads from torchvision parts; a drop-in for torchvision's `RoIHeads` in a `GeneralizedRCNN`"
+    mask_stages = 'last'  # what a CascadeRoIHeads pickled before per-stage masks has
     def __init__(self, box_roi_pool:nn.Module, stages, score_thresh:float=0.05, nms_thresh:float=0.5,
                  detections_per_img:int=100, mask_roi_pool:nn.Module|None=None, mask_head:nn.Module|None=None,
-                 mask_predictor:nn.Module|None=None, score_average:str='probs'):
+                 mask_predictor:nn.Module|None=None, score_average:str='probs', mask_heads=None):
         super().__init__()
         if score_average not in ('probs', 'logits'):
             raise ValueError(f"score_average is 'probs' or 'logits', got {score_average!r}.")
         if len(stages) < 1: raise ValueError("A cascade needs at least one stage.")
-        if len({mask_roi_pool is None, mask_head is None, mask_predictor is None}) != 1:
+        if mask_heads is not None:
+            if mask_roi_pool is None or mask_head is not None or mask_predictor is not None or \
+                    len(mask_heads) != len(stages):
+                raise ValueError(f"Per-stage masks need mask_roi_pool and one mask head per stage ({len(stages)}), "
+                                 "and no last-stage mask_head or mask_predictor.")
+        elif len({mask_roi_pool is None, mask_head is None, mask_predictor is None}) != 1:
             raise ValueError("Give all of mask_roi_pool, mask_head and mask_predictor for masks, or none of them.")
         self.box_roi_pool, self.stages = box_roi_pool, nn.ModuleList(stages)
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
         self.mask_roi_pool, self.mask_head, self.mask_predictor = mask_roi_pool, mask_head, mask_predictor
+        self.mask_heads = None if mask_heads is None else nn.ModuleList(mask_heads)
+        self.mask_stages = 'last' if mask_heads is None else 'every'
         self.score_average = score_average
 
-    def has_mask(self) -> bool: return self.mask_predictor is not None
+    def has_mask(self) -> bool: return self.mask_stages == 'every' or self.mask_predictor is not None
     def has_keypoint(self) -> bool: return False
 
     @property
     def loss_names(self) -> list:
         "The keys of the training loss dict"
-        names = [f'loss_{k}_s{i}' for i in range(1, len(self.stages) + 1) for k in ('classifier', 'box_reg')]
+        n = len(self.stages)
+        names = [f'loss_{k}_s{i}' for i in range(1, n + 1) for k in ('classifier', 'box_reg')]
+        if self.mask_stages == 'every': return names + [f'loss_mask_s{i}' for i in range(1, n + 1)]
         return names + (['loss_mask'] if self.has_mask() else [])
 
     def box_features(self, stage:int, features:dict, boxes:list, image_shapes:list) -> Tensor:
         "Pooled features of `boxes` for `stage` (all stages share the pooler; HTC adds its semantic features here)"
         return self.box_roi_pool(features, boxes, image_shapes)
 
-    def mask_logits(self, features:dict, boxes:list, image_shapes:list) -> Tensor:
-        return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+    def mask_features(self, features:dict, boxes:list, image_shapes:list) -> Tensor:
+        "Pooled mask features of `boxes` (HTC adds its semantic features here)"
+        return self.mask_roi_pool(features, boxes, image_shapes)
 
-    def check_targets(self, targets):
-        if targets is None:
-            raise ValueError("In training mode the model needs targets: a list of dicts with 'boxes' and 'labels'.")
-        for t in targets:
-            if 'boxes' not in t or 'labels' not in t:
-                raise ValueError(f"Each target needs 'boxes' and 'labels', got keys {sorted(t)}.")
-            if not t['boxes'].is_floating_point():
-                raise ValueError(f"Target boxes must be float (x1, y1, x2, y2), got {t['boxes'].dtype}.")
-            if t['labels'].dtype != torch.int64:
-                raise ValueError(f"Target labels must be int64, got {t['labels'].dtype}.")
-            if self.has_mask() and 'masks' not in t:
-                raise ValueError("A model with a mask head needs 'masks' (N, H, W) in every target.")
+# %% ../../nbs/07g_detection.cascade.ipynb #5b0e7c24
+@patch
+def check_targets(self:CascadeRoIHeads, targets):
+    if targets is None:
+        raise ValueError("In training mode the model needs targets: a list of dicts with 'boxes' and 'labels'.")
+    for t in targets:
+        if 'boxes' not in t or 'labels' not in t:
+            raise ValueError(f"Each target needs 'boxes' and 'labels', got keys {sorted(t)}.")
+        if not t['boxes'].is_floating_point():
+            raise ValueError(f"Target boxes must be float (x1, y1, x2, y2), got {t['boxes'].dtype}.")
+        if t['labels'].dtype != torch.int64:
+            raise ValueError(f"Target labels must be int64, got {t['labels'].dtype}.")
+        if self.has_mask() and 'masks' not in t:
+            raise ValueError("A model with a mask head needs 'masks' (N, H, W) in every target.")
 
-    def forward_stages_train(self, features:dict, proposals:list, image_shapes:list, targets:list):
-        "Train every stage on the previous stage's refined boxes; returns the weighted losses and the last samples"
-        gt_boxes, gt_labels = [t['boxes'] for t in targets], [t['labels'] for t in targets]
-        losses, boxes = {}, proposals
-        for i, stage in enumerate(self.stages):
-            samples = stage.sample(boxes, gt_boxes, gt_labels)
-            class_logits, box_deltas = stage(self.box_features(i, features, samples.boxes, image_shapes))
-            loss_cls, loss_box = stage.losses(class_logits, box_deltas, samples, gt_boxes)
-            losses[f'loss_classifier_s{i+1}'] = stage.loss_weight * loss_cls
-            losses[f'loss_box_reg_s{i+1}'] = stage.loss_weight * loss_box
-            losses.update(self.stage_extra_losses(i, features, samples, box_deltas, image_shapes, targets))
-            if i < len(self.stages) - 1:
-                refined = stage.refine(box_deltas.detach(), samples.boxes, image_shapes)
-                # the next stage adds the GT boxes afresh, as mmdetection does
-                boxes = [r[~g] for r, g in zip(refined, samples.is_gt)]
-        return losses, samples
+@patch
+def forward_stages_train(self:CascadeRoIHeads, features:dict, proposals:list, image_shapes:list, targets:list):
+    "Train every stage on the previous stage's refined boxes; returns the weighted losses and the last samples"
+    gt_boxes, gt_labels = [t['boxes'] for t in targets], [t['labels'] for t in targets]
+    losses, boxes = {}, proposals
+    for i, stage in enumerate(self.stages):
+        samples = stage.sample(boxes, gt_boxes, gt_labels)
+        class_logits, box_deltas = stage(self.box_features(i, features, samples.boxes, image_shapes))
+        loss_cls, loss_box = stage.losses(class_logits, box_deltas, samples, gt_boxes)
+        losses[f'loss_classifier_s{i+1}'] = stage.loss_weight * loss_cls
+        losses[f'loss_box_reg_s{i+1}'] = stage.loss_weight * loss_box
+        losses.update(self.stage_extra_losses(i, features, samples, box_deltas, image_shapes, targets))
+        if i < len(self.stages) - 1:
+            refined = stage.refine(box_deltas.detach(), samples.boxes, image_shapes)
+            # the next stage adds the GT boxes afresh, as mmdetection does
+            boxes = [r[~g] for r, g in zip(refined, samples.is_gt)]
+    return losses, samples
 
-    def stage_extra_losses(self, stage:int, features:dict, samples:StageSamples, box_deltas:Tensor, image_shapes:list,
-                           targets:list) -> dict:
-        "Hook for per-stage branches (HTC's mask branches); a plain cascade has none"
-        return {}
+# %% ../../nbs/07g_detection.cascade.ipynb #5b0e7c25
+@patch
+def stage_extra_losses(self:CascadeRoIHeads, stage:int, features:dict, samples:StageSamples, box_deltas:Tensor,
+                       image_shapes:list, targets:list) -> dict:
+    "Per-stage branches: with a mask head per stage, its loss on the stage's positive RoIs, weighted like the stage"
+    if self.mask_stages != 'every': return {}
+    boxes, matched = samples.positives()
+    logits = self.mask_heads[stage](self.mask_features(features, boxes, image_shapes))
+    loss = maskrcnn_loss(logits, boxes, [t['masks'] for t in targets], [t['labels'] for t in targets], matched)
+    return {f'loss_mask_s{stage+1}': self.stages[stage].loss_weight * loss}
 
-    def forward_stages_test(self, features:dict, proposals:list, image_shapes:list):
-        "Refine the proposals stage by stage; returns the last stage's boxes and each stage's class logits"
-        boxes, stage_logits = proposals, []
-        for i, stage in enumerate(self.stages):
-            class_logits, box_deltas = stage(self.box_features(i, features, boxes, image_shapes))
-            stage_logits.append(class_logits)
-            boxes = stage.refine(box_deltas, boxes, image_shapes)
-        return boxes, stage_logits
+@patch
+def mask_loss(self:CascadeRoIHeads, features:dict, samples:StageSamples, image_shapes:list, targets:list) -> Tensor:
+    "torchvision's Mask R-CNN loss on the last stage's positive RoIs (`mask_stages == 'last'`)"
+    boxes, matched = samples.positives()
+    return maskrcnn_loss(self.mask_logits(features, boxes, image_shapes), boxes,
+                         [t['masks'] for t in targets], [t['labels'] for t in targets], matched)
 
-    def average_scores(self, stage_logits:list) -> Tensor:
-        "Class probabilities of the stages: mean of the softmaxes ('probs'), or softmax of the mean logits ('logits')"
-        if self.score_average == 'logits': return F.softmax(torch.stack(stage_logits).mean(0), -1)
-        return torch.stack([F.softmax(l, -1) for l in stage_logits]).mean(0)
+# %% ../../nbs/07g_detection.cascade.ipynb #5b0e7c27
+@patch
+def forward_stages_test(self:CascadeRoIHeads, features:dict, proposals:list, image_shapes:list):
+    "Refine the proposals stage by stage; returns the last stage's boxes and each stage's class logits"
+    boxes, stage_logits = proposals, []
+    for i, stage in enumerate(self.stages):
+        class_logits, box_deltas = stage(self.box_features(i, features, boxes, image_shapes))
+        stage_logits.append(class_logits)
+        boxes = stage.refine(box_deltas, boxes, image_shapes)
+    return boxes, stage_logits
 
-    def postprocess_detections(self, boxes:list, scores:Tensor, image_shapes:list):
-        "torchvision's post-processing of one class-agnostic box per RoI: score threshold, per-class NMS, the best"
-        results = []
-        for b, s in zip(boxes, scores.split([len(b) for b in boxes])):
-            num_classes = s.shape[1]
-            labels = torch.arange(1, num_classes, device=s.device).expand(len(b), num_classes - 1).reshape(-1)
-            b, s = b[:, None].expand(len(b), num_classes - 1, 4).reshape(-1, 4), s[:, 1:].reshape(-1)
-            keep = torch.where(s > self.score_thresh)[0]
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(b, min_size=1e-2)
-            b, s, labels = b[keep], s[keep], labels[keep]
-            keep = box_ops.batched_nms(b, s, labels, self.nms_thresh)[:self.detections_per_img]
-            results.append({'boxes': b[keep], 'labels': labels[keep], 'scores': s[keep]})
-        return results
+@patch
+def average_scores(self:CascadeRoIHeads, stage_logits:list) -> Tensor:
+    "Class probabilities of the stages: mean of the softmaxes ('probs'), or softmax of the mean logits ('logits')"
+    if self.score_average == 'logits': return F.softmax(torch.stack(stage_logits).mean(0), -1)
+    return torch.stack([F.softmax(l, -1) for l in stage_logits]).mean(0)
 
-    def forward(self, features:dict, proposals:list, image_shapes:list, targets:list|None=None):
-        if self.training:
-            self.check_targets(targets)
-            losses, samples = self.forward_stages_train(features, proposals, image_shapes, targets)
-            if self.has_mask(): losses['loss_mask'] = self.mask_loss(features, samples, image_shapes, targets)
-            return [], losses
-        boxes, stage_logits = self.forward_stages_test(features, proposals, image_shapes)
-        result = self.postprocess_detections(boxes, self.average_scores(stage_logits), image_shapes)
-        if self.has_mask():
-            logits = self.mask_logits(features, [r['boxes'] for r in result], image_shapes)
-            for r, m in zip(result, maskrcnn_inference(logits, [r['labels'] for r in result])): r['masks'] = m
-        return result, {}
+@patch
+def postprocess_detections(self:CascadeRoIHeads, boxes:list, scores:Tensor, image_shapes:list):
+    "torchvision's post-processing of one class-agnostic box per RoI: score threshold, per-class NMS, the best"
+    results = []
+    for b, s in zip(boxes, scores.split([len(b) for b in boxes])):
+        num_classes = s.shape[1]
+        labels = torch.arange(1, num_classes, device=s.device).expand(len(b), num_classes - 1).reshape(-1)
+        b, s = b[:, None].expand(len(b), num_classes - 1, 4).reshape(-1, 4), s[:, 1:].reshape(-1)
+        keep = torch.where(s > self.score_thresh)[0]
+        b, s, labels = b[keep], s[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(b, min_size=1e-2)
+        b, s, labels = b[keep], s[keep], labels[keep]
+        keep = box_ops.batched_nms(b, s, labels, self.nms_thresh)[:self.detections_per_img]
+        results.append({'boxes': b[keep], 'labels': labels[keep], 'scores': s[keep]})
+    return results
 
-    def mask_loss(self, features:dict, samples:StageSamples, image_shapes:list, targets:list) -> Tensor:
-        "torchvision's Mask R-CNN loss on the last stage's positive RoIs"
-        pos = [l > 0 for l in samples.labels]
-        boxes, matched = [b[p] for b, p in zip(samples.boxes, pos)], [m[p] for m, p in zip(samples.matched_idxs, pos)]
-        return maskrcnn_loss(self.mask_logits(features, boxes, image_shapes), boxes,
-                             [t['masks'] for t in targets], [t['labels'] for t in targets], matched)
+# %% ../../nbs/07g_detection.cascade.ipynb #5b0e7c28
+@patch
+def mask_logits(self:CascadeRoIHeads, features:dict, boxes:list, image_shapes:list) -> Tensor:
+    "The last-stage head's mask logits (`mask_stages == 'last'`)"
+    return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+
+@patch
+def stage_mask_logits(self:CascadeRoIHeads, features:dict, boxes:list, image_shapes:list) -> list:
+    "Every stage's mask logits (N, num_classes, 28, 28) for `boxes`, the RoIs pooled once"
+    x = self.mask_features(features, boxes, image_shapes)
+    return [head(x) for head in self.mask_heads]
+
+@patch
+def mask_probs(self:CascadeRoIHeads, features:dict, boxes:list, labels:list, image_shapes:list) -> list:
+    "Per image, the (N, 1, 28, 28) mask probabilities of each box's class: the mean of the stages' with per-stage heads"
+    if self.mask_stages == 'last': return maskrcnn_inference(self.mask_logits(features, boxes, image_shapes), labels)
+    probs = torch.stack([l.sigmoid() for l in self.stage_mask_logits(features, boxes, image_shapes)]).mean(0)
+    flat = torch.cat(labels)
+    return probs[torch.arange(len(flat), device=flat.device), flat][:, None].split([len(b) for b in boxes])
+
+@patch
+def forward(self:CascadeRoIHeads, features:dict, proposals:list, image_shapes:list, targets:list|None=None):
+    if self.training:
+        self.check_targets(targets)
+        losses, samples = self.forward_stages_train(features, proposals, image_shapes, targets)
+        if self.mask_stages == 'last' and self.has_mask():
+            losses['loss_mask'] = self.mask_loss(features, samples, image_shapes, targets)
+        return [], losses
+    boxes, stage_logits = self.forward_stages_test(features, proposals, image_shapes)
+    result = self.postprocess_detections(boxes, self.average_scores(stage_logits), image_shapes)
+    if self.has_mask():
+        masks = self.mask_probs(features, [r['boxes'] for r in result], [r['labels'] for r in result], image_shapes)
+        for r, m in zip(result, masks): r['masks'] = m
+    return result, {}
 
 # %% ../../nbs/07g_detection.cascade.ipynb #c7a1000b
 def cascade_stages(in_channels:int, num_classes:int, representation_size:int=1024, roi_size:int=7,
@@ -250,43 +211,51 @@ def cascade_stages(in_channels:int, num_classes:int, representation_size:int=102
 _SINGLE_STAGE_ARGS = ('box_head', 'box_predictor', 'bbox_reg_weights', 'box_fg_iou_thresh', 'box_bg_iou_thresh',
                       'mask_head', 'mask_predictor')
 
+def _check_cascade_args(backbone:nn.Module, num_classes, mask_stages:str, kwargs:dict):
+    if not hasattr(backbone, 'out_channels'):
+        raise ValueError("The backbone needs an `out_channels` attribute (a torchvision BackboneWithFPN has one): "
+                         "build it with res2net_fpn_backbone.")
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"num_classes counts the background too (torchvision's convention): pass K+1 for K object "
+                         f"classes, got {num_classes!r}.")
+    if mask_stages not in ('every', 'last'):
+        raise ValueError(f"mask_stages is 'every' (a mask head per stage) or 'last', got {mask_stages!r}.")
+    for k in _SINGLE_STAGE_ARGS:
+        if k in kwargs: raise ValueError(f"{k} belongs to a single-stage RoI head: a cascade takes ious, stds, "
+                                         "loss_weights and representation_size.")
+
 # %% ../../nbs/07g_detection.cascade.ipynb #2ca36ed8
 class CascadeRCNN(FasterRCNN):
-    "torchvision's Faster R-CNN with `CascadeRoIHeads`; `mask=True` adds Mask R-CNN's mask head on the last stage"
+    "torchvision's Faster R-CNN with `CascadeRoIHeads`; `mask=True` adds mask heads (`mask_stages`: 'every' or 'last')"
     def __init__(self, backbone:nn.Module, num_classes:int, mask:bool=False, ious=CASCADE_IOUS, stds=CASCADE_STDS,
                  loss_weights=CASCADE_LOSS_WEIGHTS, representation_size:int=1024, box_loss_beta:float=1.,
-                 score_average:str='probs', mask_channels:int=256, box_roi_pool:MultiScaleRoIAlign|None=None,
-                 mask_roi_pool:MultiScaleRoIAlign|None=None, box_score_thresh:float=0.05, box_nms_thresh:float=0.5,
-                 box_detections_per_img:int=100, box_batch_size_per_image:int=512, box_positive_fraction:float=0.25,
-                 **kwargs):
-        if not hasattr(backbone, 'out_channels'):
-            raise ValueError("The backbone needs an `out_channels` attribute (a torchvision BackboneWithFPN has one): "
-                             "build it with res2net_fpn_backbone.")
-        if not (isinstance(num_classes, int) and num_classes >= 2):
-            raise ValueError(f"num_classes counts the background too (torchvision's convention): pass K+1 for K object "
-                             f"classes, got {num_classes!r}.")
-        for k in _SINGLE_STAGE_ARGS:
-            if k in kwargs: raise ValueError(f"{k} belongs to a single-stage RoI head: a cascade takes ious, stds, "
-                                             "loss_weights and representation_size.")
+                 score_average:str='probs', mask_channels:int=256, mask_stages:str='every',
+                 box_roi_pool:MultiScaleRoIAlign|None=None, mask_roi_pool:MultiScaleRoIAlign|None=None,
+                 box_score_thresh:float=0.05, box_nms_thresh:float=0.5, box_detections_per_img:int=100,
+                 box_batch_size_per_image:int=512, box_positive_fraction:float=0.25, **kwargs):
+        _check_cascade_args(backbone, num_classes, mask_stages, kwargs)
         levels = [str(i) for i in range(len(getattr(backbone, 'returned_layers', range(4))))]
         box_roi_pool = box_roi_pool or MultiScaleRoIAlign(levels, 7, 2)
         # torchvision builds its RoIHeads here; empty heads keep it from allocating a box head that is replaced below
         super().__init__(backbone, num_classes=None, box_roi_pool=box_roi_pool, box_head=nn.Identity(),
                          box_predictor=nn.Identity(), **kwargs)
         c, roi_size = backbone.out_channels, box_roi_pool.output_size[0]
-        mask_parts = (None, None, None)
-        if mask: mask_parts = (mask_roi_pool or MultiScaleRoIAlign(levels, 14, box_roi_pool.sampling_ratio),
-                               MaskRCNNHeads(c, (mask_channels,)*4, 1),
-                               MaskRCNNPredictor(mask_channels, mask_channels, num_classes))
         stages = cascade_stages(c, num_classes, representation_size, roi_size, ious, stds, loss_weights,
                                 box_batch_size_per_image, box_positive_fraction, box_loss_beta)
+        mask_parts, mask_heads = (None, None, None), None
+        mask_roi_pool = mask_roi_pool or MultiScaleRoIAlign(levels, 14, box_roi_pool.sampling_ratio)
+        if mask and mask_stages == 'every':
+            mask_parts = (mask_roi_pool, None, None)
+            mask_heads = [FCNMaskHead(c, num_classes, mask_channels) for _ in stages]
+        elif mask: mask_parts = (mask_roi_pool, MaskRCNNHeads(c, (mask_channels,)*4, 1),
+                                 MaskRCNNPredictor(mask_channels, mask_channels, num_classes))
         self.roi_heads = CascadeRoIHeads(box_roi_pool, stages, box_score_thresh, box_nms_thresh, box_detections_per_img,
-                                         *mask_parts, score_average=score_average)
+                                         *mask_parts, score_average=score_average, mask_heads=mask_heads)
         self.num_classes = num_classes
 
     @property
     def loss_names(self) -> list:
-        "The keys of the training loss dict: the RPN's, then each stage's (and the mask's)"
+        "The keys of the training loss dict: the RPN's, then each stage's (and the masks')"
         return ['loss_objectness', 'loss_rpn_box_reg'] + self.roi_heads.loss_names
 
 # %% ../../nbs/07g_detection.cascade.ipynb #c7a1000c
@@ -297,15 +266,15 @@ CASCADE_REFERENCE = dict(min_size=800, max_size=1333,
     box_nms_thresh=0.5, box_detections_per_img=100)
 
 # %% ../../nbs/07g_detection.cascade.ipynb #c7a1000d
-_CASCADE_ARGS = set(inspect.signature(CascadeRCNN.__init__).parameters) - {'self', 'backbone', 'num_classes', 'kwargs'}
-
-def cascade_rcnn_res2net_fpn(arch='res2netplus50', num_classes:int=91, pretrained_backbone:bool=False,
-                             weights_backbone=None, sampling_ratio:int=2, mask:bool=False,
-                             backbone:nn.Module|None=None, **kwargs) -> CascadeRCNN:
-    "Cascade (Mask) R-CNN on a Res2Net-FPN with the reference config; `backbone` replaces the Res2Net-FPN when given"
+def cascade_detector(detector_cls, arch='res2netplus50', num_classes:int=91, pretrained_backbone:bool=False,
+                     weights_backbone=None, sampling_ratio:int=2, backbone:nn.Module|None=None, reference=None,
+                     **kwargs) -> nn.Module:
+    "`detector_cls` (`CascadeRCNN` or a subclass) on a Res2Net-FPN with the `reference` config (`CASCADE_REFERENCE`)"
+    own = set(inspect.signature(CascadeRCNN.__init__).parameters) | set(inspect.signature(detector_cls).parameters)
+    own -= {'self', 'backbone', 'num_classes', 'kwargs'}
     kwargs = _no_detector_weights(arch, kwargs)
-    det, bb_kw, arch_kw = split_rcnn_kwargs(FasterRCNN, {k: v for k, v in kwargs.items() if k not in _CASCADE_ARGS})
-    det.update({k: v for k, v in kwargs.items() if k in _CASCADE_ARGS})
+    det, bb_kw, arch_kw = split_rcnn_kwargs(FasterRCNN, {k: v for k, v in kwargs.items() if k not in own})
+    det.update({k: v for k, v in kwargs.items() if k in own})
     if backbone is None:
         backbone = res2net_fpn_backbone(arch, pretrained_backbone, weights_backbone, **bb_kw, **arch_kw)
     elif bb_kw or arch_kw or pretrained_backbone or weights_backbone is not None:
@@ -313,12 +282,22 @@ def cascade_rcnn_res2net_fpn(arch='res2netplus50', num_classes:int=91, pretraine
         raise ValueError(f"With a ready backbone, backbone options ({ignored}) have no effect: drop them, or leave "
                          "backbone=None.")
     levels = [str(i) for i in range(len(getattr(backbone, 'returned_layers', range(4))))]
-    det = {**CASCADE_REFERENCE, 'box_roi_pool': MultiScaleRoIAlign(levels, 7, sampling_ratio),
+    det = {**(CASCADE_REFERENCE if reference is None else reference),
+           'box_roi_pool': MultiScaleRoIAlign(levels, 7, sampling_ratio),
            'mask_roi_pool': MultiScaleRoIAlign(levels, 14, sampling_ratio), **det}
     if hasattr(backbone, 'strides'): det.setdefault('rpn_anchor_generator', rpn_anchor_generator(backbone.strides))
-    model = CascadeRCNN(backbone, num_classes, mask=mask, **det)
+    model = detector_cls(backbone, num_classes, **det)
     model.arch = arch if isinstance(arch, str) else getattr(arch, '__name__', str(arch))
     return model
+
+_CASCADE_ARGS = set(inspect.signature(CascadeRCNN.__init__).parameters) - {'self', 'backbone', 'num_classes', 'kwargs'}
+
+def cascade_rcnn_res2net_fpn(arch='res2netplus50', num_classes:int=91, pretrained_backbone:bool=False,
+                             weights_backbone=None, sampling_ratio:int=2, mask:bool=False,
+                             backbone:nn.Module|None=None, **kwargs) -> CascadeRCNN:
+    "Cascade (Mask) R-CNN on a Res2Net-FPN with the reference config; `backbone` replaces the Res2Net-FPN when given"
+    return cascade_detector(CascadeRCNN, arch, num_classes, pretrained_backbone, weights_backbone, sampling_ratio,
+                            backbone, mask=mask, **kwargs)
 
 def cascade_mask_rcnn_res2net_fpn(arch='res2netplus50', num_classes:int=91, pretrained_backbone:bool=False,
                                   weights_backbone=None, **kwargs) -> CascadeRCNN:

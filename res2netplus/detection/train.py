@@ -70,8 +70,9 @@ def train_detection(data=None, out='runs/detection', task:str='detect', arch:str
                     bs:int=4, epochs:int=12, lr:float|None=0.02, pretrained:bool=False, weights=None, seed:int=42,
                     workers:int|None=None, valid_pct:float=0.2, augs='default', detector:str='rcnn', sync_bn:bool=False,
                     resume_from:dict|None=None, run_info:dict|None=None, **model_kwargs) -> dict:
-    """Train Faster R-CNN (`task='detect'`) or Mask R-CNN (`'instance'`) on a COCO or VOC folder (none: generated
-    shapes); write the results to `out`. Every epoch is reseeded from `seed` and checkpointed to `out/checkpoint.pth`
+    """Train Faster R-CNN (`task='detect'`) or Mask R-CNN (`'instance'`), their cascades (`detector='cascade'`)
+    or HTC (`'htc'`) on a COCO or VOC folder (none: generated shapes); write the results to `out`. Every epoch is
+    reseeded from `seed` and checkpointed to `out/checkpoint.pth`
     (with `run_info['args']`, what resumes it); `resume_from`: such a checkpoint (`read_checkpoint`) to continue from"""
     if task not in DETECTORS: raise ValueError(f"Unknown --task {task!r} for detection: use detect or instance.")
     settings = dict(data=data, out=out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
