@@ -7,8 +7,8 @@ Pascal-VOC data as fastai `DataLoaders`, a detection `Learner` and COCO box and 
 __all__ = []
 
 # %% ../../nbs/07_detection.ipynb #3c9e5b84
-from . import (augment, backbone, cascade, data, evaluate, heads, htc, learner, rcnn, shapes,
-                                   show, train)
+from . import (augment, backbone, cascade, data, evaluate, heads, htc, learner, mmdet, rcnn,
+                                   shapes, show, train)
 from .show import *
 from .augment import *
 from .data import *
@@ -21,6 +21,7 @@ from .htc import *
 from .evaluate import *
 from .learner import *
 from .train import *
+from .mmdet import *
 
 # %% ../../nbs/07_detection.ipynb #48359865
 # the private names of the module this package replaced, which an old export.pkl may name
@@ -32,5 +33,6 @@ from .rcnn import _TRANSFORM_ARGS, _BACKBONE_ARGS, _rcnn
 from .evaluate import _cpu, _rle, _detection_dl
 from .learner import _train_targets, _to_image
 
-__all__ = [n for m in (show, augment, data, shapes, backbone, rcnn, heads, cascade, htc, evaluate, learner, train)
+__all__ = [n for m in (show, augment, data, shapes, backbone, rcnn, heads, cascade, htc, evaluate, learner, train,
+                       mmdet)
            for n in m.__all__]
