@@ -274,7 +274,11 @@ def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1
                seed:int|None=None, checkpoint=None, start=(0, 0), cbs=None, run_info:dict|None=None):
     """Train with the recipe fitted to `epochs` (`plan_recipe`); `seed`: reproducible epochs; `checkpoint`: saved each
     epoch; `start`: resume at"""
-    fit = getattr(self, self.plan_recipe(epochs)['schedule'])
+    planned = getattr(self, 'recipe', {})
+    # planned for these epochs (res2netplus_learner(epochs=)): kept, as a resumed optimizer's state was loaded into it;
+    # a data-parallel loader, shorter per process, would count fewer steps
+    plan = planned if planned.get('epochs') == epochs else self.plan_recipe(epochs)
+    fit = getattr(self, plan['schedule'])
     for i, (n_epoch, lr_i, unfreeze) in enumerate(recipe_phases(self, epochs, lr, freeze_epochs, lr_mult)):
         if unfreeze: self.unfreeze()
         first = 0 if i > start[0] else start[1] if i == start[0] else n_epoch
