@@ -3,6 +3,13 @@
     python benchmarks/recipe.py                 # optimizer study, then the architecture x mixing comparison
     python benchmarks/recipe.py --study optimizer
     python benchmarks/recipe.py --study compare --seeds 0 1 2
+    python benchmarks/recipe.py --study budget   # the budget rule: epochs x mixing x optimizer on the bundled data
+
+The budget study trains `res2netplus50` on the package's own Fashion-MNIST subset (2,000 training and 500 held-out
+images, as `res2netplus train` does) at 32 px, batch 64, for several training lengths, with and without CutMix and
+with each optimizer, and records accuracy, validation loss, images per second and process CPU time (with torch on 2
+threads, CPU seconds / 2 estimates the wall time on an idle machine). Its table chooses `BUDGET` in
+res2netplus.learner: the shortest length from which CutMix, and ranger, are no worse than without.
 
 Needs the Debian package `dataset-fashion-mnist` (installed here when missing and allowed). Each run trains from
 random init on a class-balanced subset (training images from the training set, validation images from the test
@@ -29,7 +36,7 @@ OPTIMIZERS = {  # name: (opt_func name, schedule, lr)
     'ranger_flat_cos': ('ranger', 'fit_flat_cos', 4e-3),
 }
 
-def run(path, arch, mix, opt, seed, args):
+def run(path, arch, mix, opt, seed, args, epochs=None):
     import fastai.vision.all as fv
     from res2netplus import learner as rl
     from res2netplus.augment import AlbumentationsTransform, res2netplus_augs
@@ -41,13 +48,15 @@ def run(path, arch, mix, opt, seed, args):
     opt_name, schedule, lr = OPTIMIZERS[opt]
     factory = RES2NET_FACTORIES.get(arch) or getattr(fv, arch)
     learn = rl.res2netplus_learner(dls, factory, mix=None if mix == 'none' else mix, opt_func=getattr(fv, opt_name))
-    start = time.perf_counter()
+    epochs = epochs or args.epochs
+    start, cpu = time.perf_counter(), time.process_time()
     with learn.no_bar(), learn.no_logging():
-        getattr(learn, schedule)(args.epochs, lr)
-        seconds = time.perf_counter() - start
+        getattr(learn, schedule)(epochs, lr)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         valid_loss, acc = learn.validate()
+    n_images = epochs*len(learn.dls.train)*args.bs
     return dict(arch=arch, mix=mix, opt=opt, seed=seed, accuracy=float(acc), valid_loss=float(valid_loss),
-                train_seconds=seconds)
+                train_seconds=seconds, cpu_seconds=cpu, images_per_cpu_second=n_images/cpu)
 
 def table(results, keys, ref):
     groups = {}
@@ -67,7 +76,8 @@ def table(results, keys, ref):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--study', choices=['all', 'optimizer', 'compare'], default='all')
+    p.add_argument('--study', choices=['all', 'optimizer', 'compare', 'budget'], default='all')
+    p.add_argument('--budget-epochs', type=int, nargs='+', default=[3, 6, 12, 24], help='lengths of the budget study')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--opt-seeds', type=int, nargs='+', default=[0, 1], help='seeds of the optimizer study')
     p.add_argument('--archs', nargs='+', default=['res2netplus50', 'xresnet50', 'res2net50d'])
@@ -81,6 +91,7 @@ def main():
     p.add_argument('--n-valid', type=int, default=50, help='validation images per class (from the test set)')
     p.add_argument('--out', default='benchmarks/results/recipe.json')
     args = p.parse_args()
+    if args.study == 'budget': return budget_study(args)
     ensure_fashion_mnist()
     import torch
     from res2netplus.data import fashion_mnist_subset, default_cache_dir
@@ -115,5 +126,33 @@ def main():
         print(f'\n## Architectures x mixing ({opt})', flush=True)
         comp = [go(a, m, opt, s) for s in args.seeds for m in args.mixes for a in args.archs]
         print(table(comp, ['arch', 'mix'], dict(arch='xresnet50', mix='none')))
+
+def budget_study(args):
+    "Epochs x mixing x optimizer on the bundled subset at 32 px, batch 64: the evidence for `BUDGET`"
+    import torch
+    from res2netplus.data import fashion_mnist_sample
+    torch.set_num_threads(2)
+    args.size, args.bs = 32, 64
+    path, out = fashion_mnist_sample(), Path('benchmarks/results/recipe-budget.json')
+    results = json.loads(out.read_text()) if out.exists() else []
+    for seed in args.seeds:
+        for epochs in args.budget_epochs:
+            for mix in ('none', 'cutmix'):
+                for opt in OPTIMIZERS:
+                    key = dict(mix=mix, opt=opt, seed=seed, epochs=epochs)
+                    if any(all(r.get(k) == v for k, v in key.items()) for r in results): continue
+                    r = run(path, 'res2netplus50', mix, opt, seed, args, epochs) | key
+                    results.append(r); out.write_text(json.dumps(results, indent=1))
+                    print(f"  {epochs:3d} epochs mix={mix:6s} {opt:16s} seed={seed}: {100*r['accuracy']:.1f} %, "
+                          f"{r['images_per_cpu_second']:.0f} img/CPU-s", flush=True)
+    groups = {}
+    for r in results: groups.setdefault((r['epochs'], r['mix'], r['opt']), []).append(r)
+    print('| epochs | mix | optimizer | accuracy (mean ± sd) | valid loss | seeds | CPU s / 2 (≈ idle wall) |')
+    print('|---:|---|---|---|---|---:|---:|')
+    for (epochs, mix, opt), rs in sorted(groups.items()):
+        acc, loss = [100*r['accuracy'] for r in rs], [r['valid_loss'] for r in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.
+        print(f"| {epochs} | {mix} | {opt} | {statistics.mean(acc):.1f} ± {sd:.1f} % | {statistics.mean(loss):.3f} | "
+              f"{len(rs)} | {statistics.mean(r['cpu_seconds'] for r in rs)/2:.0f} |")
 
 if __name__ == '__main__': main()

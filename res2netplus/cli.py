@@ -21,8 +21,8 @@ __all__ = ['TASKS', 'TASK_DEFAULTS', 'train', 'launch', 'main']
 
 # %% ../nbs/10_cli.ipynb #b3831f37
 TASKS = tuple(RUN_TASKS)
-TASK_DEFAULTS = {'classify': dict(size=64, bs=64), 'segment': dict(size=64, bs=64), 'detect': dict(size=128, bs=4),
-                 'instance': dict(size=128, bs=4)}
+TASK_DEFAULTS = {'classify': dict(size=32, bs=64, epochs=7), 'segment': dict(size=64, bs=64, epochs=3),
+                 'detect': dict(size=128, bs=4, epochs=3), 'instance': dict(size=128, bs=4, epochs=3)}
 _DETECTION = ('detect', 'instance')
 
 def _check_options(task:str, head:str, output_stride:int|None, detector:str, compile:bool):
@@ -38,22 +38,27 @@ def _check_options(task:str, head:str, output_stride:int|None, detector:str, com
 
 # %% ../nbs/10_cli.ipynb #75344ceb
 def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='unet', output_stride:int|None=None,
-          detector:str='rcnn', size:int|None=None, bs:int|None=None, epochs:int=3, lr:float|None=None, mix:str='cutmix',
-          pretrained:bool=False, weights=None, out='runs/res2netplus', seed:int=42, workers:int|None=None,
-          resume:bool=False, sync_bn:bool=False, compile:bool=False, _checkpoint:dict|None=None) -> dict:
+          detector:str='rcnn', size:int|None=None, bs:int|None=None, epochs:int|None=None, lr:float|None=None,
+          mix:str='auto', pretrained:bool=False, weights=None, out='runs/res2netplus', seed:int=42,
+          workers:int|None=None, resume:bool=False, sync_bn:bool=False, compile:bool=False, keep_checkpoint:bool=False,
+          _checkpoint:dict|None=None) -> dict:
     """Train `arch` with the recipe to classify (image folder tree or CSV; none: the bundled Fashion-MNIST subset),
     segment (images/, masks/, codes.txt; none: generated shapes) or detect; write the results to `out`"""
     args = {k: v for k, v in locals().items() if k not in ('resume', '_checkpoint')}  # what --resume reads back
-    if resume:  # the interrupted run's own settings; only --workers may change
+    if resume:  # the interrupted run's own settings; only --workers (and --keep_checkpoint) may change
         ckpt = read_checkpoint(Path(out)/'checkpoint.pth')
-        return train(**{**ckpt['args'], 'out': out, 'workers': workers}, _checkpoint=ckpt)
+        keep = keep_checkpoint or ckpt['args'].get('keep_checkpoint', False)
+        return train(**{**ckpt['args'], 'out': out, 'workers': workers, 'keep_checkpoint': keep}, _checkpoint=ckpt)
     _check_options(task, head, output_stride, detector, compile)
     size, bs = size or TASK_DEFAULTS[task]['size'], TASK_DEFAULTS[task]['bs'] if bs is None else bs
+    epochs = TASK_DEFAULTS[task]['epochs'] if epochs is None else epochs
     if task in _DETECTION:
+        if keep_checkpoint: raise ValueError("--keep_checkpoint is for --task classify and segment: drop it.")
         return train_detection(data, out=out, task=task, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr,
                                pretrained=pretrained, weights=weights, seed=seed, workers=workers, detector=detector,
                                sync_bn=sync_bn, resume_from=_checkpoint, run_info=dict(args=args))
-    return run_task(RUN_TASKS[task], {**args, 'size': size, 'bs': bs}, checkpoint=_checkpoint, args=args)
+    return run_task(RUN_TASKS[task], {**args, 'size': size, 'bs': bs, 'epochs': epochs}, checkpoint=_checkpoint,
+                    args=args)
 
 # %% ../nbs/10_cli.ipynb #67e43d29
 _TRAIN_HELP = dict(
@@ -67,10 +72,11 @@ _TRAIN_HELP = dict(
     detector='detect/instance: rcnn (Faster/Mask R-CNN), cascade (Cascade (Mask) R-CNN) or htc (instance only)',
     output_stride="segment: the backbone's output stride, 8, 16 or 32 (default: the head's)",
     arch='a variant, e.g. res2netplus50, res2net50d',
-    size='image size in pixels (detection: the shorter side; default: 64, detection 128)',
-    bs='batch size (default: 64, detection 4)', epochs='epochs',
+    size='image size in pixels (detection: the shorter side; default: classify 32, segment 64, detection 128)',
+    bs='batch size (default: 64, detection 4)', epochs='epochs (default: classify 7, the others 3)',
     lr="learning rate (default: the recipe's); 0 to find it with lr_find",
-    mix='mixing (classify, segment): cutmix, mixup, both or none',
+    mix='mixing (classify, segment): cutmix, mixup, both, none, or auto: none in runs shorter than 40 epochs, '
+        'cutmix from there',
     pretrained='start from ImageNet weights (through timm)',
     weights="local .pth/.safetensors to start from (offline): ImageNet weights, or an earlier run's model.safetensors "
             "to continue training",
@@ -79,6 +85,8 @@ _TRAIN_HELP = dict(
     workers="data loader processes (default: fastai's)",
     resume='continue the interrupted run in --out from its checkpoint.pth, with its own settings and number of '
            'processes (only --workers may change)',
+    keep_checkpoint='keep checkpoint.pth and best.safetensors after the run has finished (else only the model '
+                    'stays: export.pkl, model.safetensors)',
     sync_bn='with --distributed on GPUs: BatchNorm over the global batch (SyncBatchNorm)',
     compile='classify, segment (fpn, deeplabv3plus heads): torch.compile the model before training, for GPUs '
             '(1.25× the eager throughput on an H100, after minutes of compiling)')

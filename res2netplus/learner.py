@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.foundation import L
-from fastai.vision.all import (Learner, vision_learner, patch, ranger, CrossEntropyLossFlat,
+from fastai.vision.all import (Learner, vision_learner, patch, ranger, Adam, CrossEntropyLossFlat,
                                LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat, accuracy, accuracy_multi,
                                ChannelsLast, Callback, TrackerCallback, TerminateOnNaNCallback,
                                CancelFitException, SkipToEpoch, set_seed, noop, rank_distrib, num_distrib)
@@ -18,14 +18,25 @@ from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, check_finite, resolve_arch
-from .augment import Mixer, mix_callback, ProcessSeeded
+from .augment import Mixer, MIX_CALLBACKS, mix_callback, ProcessSeeded
 
 # %% auto #0
-__all__ = ['RECIPE', 'compile_learner', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN',
-           'CheckFiniteInput', 'SaveBestWeights', 'resumable_cbs', 'recipe_phases']
+__all__ = ['RECIPE', 'SHORT_RECIPE', 'BUDGET', 'budget_recipe', 'compile_learner', 'res2netplus_learner', 'EpochSeed',
+           'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput', 'SaveBestWeights', 'resumable_cbs',
+           'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
-RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)
+RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)  # long runs
+SHORT_RECIPE = dict(mix=None, opt_func=Adam, schedule='fit_one_cycle', lr=3e-3)  # runs too short for the above
+BUDGET = dict(mix_epochs=40, ranger_steps=1000)  # from where mixing and ranger pay: docs/guide/recipe.md
+
+def budget_recipe(epochs:int|None, steps_per_epoch:int) -> dict:
+    """The recipe for `epochs` of `steps_per_epoch` (None: a long run): mixing from `BUDGET['mix_epochs']`, ranger
+    from `BUDGET['ranger_steps']`"""
+    long = epochs is None
+    optimizer = RECIPE if long or epochs*steps_per_epoch >= BUDGET['ranger_steps'] else SHORT_RECIPE
+    return dict(mix=RECIPE['mix'] if long or epochs >= BUDGET['mix_epochs'] else None,
+                opt_func=optimizer['opt_func'], schedule=optimizer['schedule'], lr=optimizer['lr'])
 
 def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
     if precision == 'auto':
@@ -40,9 +51,9 @@ def _with_mixer(cbs, mix:str|None) -> list:
     """`cbs` as a list, plus the mixing callback of `mix` unless `cbs` already holds one (which `mix`, if not the
     default, must name)"""
     cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
-    mixer, held = mix_callback(mix), next((cb for cb in cbs if isinstance(cb, Mixer)), None)
+    mixer, held = mix_callback(None if mix == 'auto' else mix), next((cb for cb in cbs if isinstance(cb, Mixer)), None)
     if held is None: return cbs + ([mixer] if mixer else [])
-    if mixer is not None and mix != RECIPE['mix'] and type(held) is not type(mixer):
+    if mixer is not None and mix not in (RECIPE['mix'], 'auto') and type(held) is not type(mixer):
         raise ValueError(f"mix={mix!r} asks for {type(mixer).__name__}, but cbs already hold {type(held).__name__}: "
                          f"pass the mixer once, by mix= or in cbs (with mix=None).")
     return cbs
@@ -77,11 +88,12 @@ def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_
     if compile: compile_learner(learn)
     return _precision(learn, precision, on_gpu)
 
-def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pretrained:bool=False, weights=None,
+def res2netplus_learner(dls, arch=res2netplus50, mix:str|None='auto', pretrained:bool=False, weights=None,
                         loss_func=None, opt_func=None, metrics=None, cbs=None,
                         label_smoothing:float=RECIPE['label_smoothing'], precision:str|None='auto',
-                        channels_last:bool|None=None, compile:bool=False, **kwargs) -> Learner:
-    "A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`"
+                        channels_last:bool|None=None, compile:bool=False, epochs:int|None=None, **kwargs) -> Learner:
+    """A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`. `mix='auto'` and no
+    `opt_func` leave mixing and the optimizer to the training length: `epochs` if given, else `fit_recipe`'s"""
     # trained weights (a file) are used as pretrained ones are: ImageNet statistics, a frozen body, fine-tuning
     pretrained = pretrained or weights is not None
     if weights is not None: kwargs['weights'] = weights
@@ -93,6 +105,9 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None=RECIPE['mix'], pre
         metrics = accuracy if single_label else accuracy_multi if multi_label else None
     learn = vision_learner(dls, resolve_arch(arch), pretrained=pretrained, loss_func=loss_func, metrics=metrics,
                            opt_func=opt_func or RECIPE['opt_func'], cbs=_with_mixer(cbs, mix), **kwargs)
+    held = any(isinstance(cb, Mixer) for cb in learn.cbs)
+    learn.recipe_auto = dict(mix=mix == 'auto' and not held, opt=opt_func is None)
+    learn.plan_recipe(epochs)
     return _accelerate(learn, precision, channels_last, compile=compile)
 
 # %% ../nbs/05_learner.ipynb #5a9e0f13
@@ -231,17 +246,39 @@ def resumable_cbs(phase:int=0, first:int=0, seed:int|None=None, checkpoint=None,
             *([SkipToEpoch(first)] if first else [])]
 
 # %% ../nbs/05_learner.ipynb #f1f5d6c1
+@patch
+def plan_recipe(self:Learner, epochs:int|None) -> dict:
+    """Fit the parts of the recipe left open (`mix='auto'`, no `opt_func`) to `epochs` of this learner's data (None: a
+    long run); `learn.recipe` holds the plan"""
+    auto = getattr(self, 'recipe_auto', {})
+    plan = budget_recipe(epochs, len(self.dls.train))
+    if auto.get('mix'):
+        for cb in [cb for cb in self.cbs if isinstance(cb, Mixer)]: self.remove_cb(cb)
+        if plan['mix']: self.add_cb(mix_callback(plan['mix']))
+    if auto.get('opt') and self.opt_func is not plan['opt_func']: self.opt_func, self.opt = plan['opt_func'], None
+    names = {v: k for k, v in MIX_CALLBACKS.items()}
+    mixer = next((names.get(type(cb), type(cb).__name__) for cb in self.cbs if isinstance(cb, Mixer)), None)
+    chosen = plan if auto.get('opt') else RECIPE  # an optimizer of the user's keeps the long recipe's schedule
+    self.recipe = dict(epochs=epochs, mix=mixer, opt_func=getattr(self.opt_func, '__name__', str(self.opt_func)),
+                       schedule=chosen['schedule'], lr=chosen['lr'])
+    return self.recipe
+
 def recipe_phases(learn:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.) -> list:
     "The fits of `fit_recipe` as (epochs, lr, unfreeze first): a frozen (pretrained) body trains the head alone first"
-    lr = lr or RECIPE['lr']
+    lr = lr or getattr(learn, 'recipe', RECIPE)['lr']
     if all(p.requires_grad for p in learn.model.parameters()): return [(epochs, lr, False)]
     return [(freeze_epochs, slice(lr), False), (epochs, slice(lr/2/lr_mult, lr/2), True)]
 
 @patch
 def fit_recipe(self:Learner, epochs:int, lr:float|None=None, freeze_epochs:int=1, lr_mult:float=100.,
                seed:int|None=None, checkpoint=None, start=(0, 0), cbs=None, run_info:dict|None=None):
-    "Train with the recipe's schedule; `seed`: reproducible epochs; `checkpoint`: saved each epoch; `start`: resume at"
-    fit = getattr(self, RECIPE['schedule'])
+    """Train with the recipe fitted to `epochs` (`plan_recipe`); `seed`: reproducible epochs; `checkpoint`: saved each
+    epoch; `start`: resume at"""
+    planned = getattr(self, 'recipe', {})
+    # planned for these epochs (res2netplus_learner(epochs=)): kept, as a resumed optimizer's state was loaded into it;
+    # a data-parallel loader, shorter per process, would count fewer steps
+    plan = planned if planned.get('epochs') == epochs else self.plan_recipe(epochs)
+    fit = getattr(self, plan['schedule'])
     for i, (n_epoch, lr_i, unfreeze) in enumerate(recipe_phases(self, epochs, lr, freeze_epochs, lr_mult)):
         if unfreeze: self.unfreeze()
         first = 0 if i > start[0] else start[1] if i == start[0] else n_epoch

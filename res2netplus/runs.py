@@ -20,8 +20,8 @@ from .weights import read_weights
 from .plots import save_loss_plot
 
 # %% auto #0
-__all__ = ['recipe_fit', 'one_cycle_fit', 'RunTask', 'TrainingDiverged', 'check_run', 'continued_state', 'run_learner', 'run_lr',
-           'fit_run', 'last_metrics', 'write_run', 'run_task']
+__all__ = ['RESUME_FILES', 'recipe_fit', 'one_cycle_fit', 'RunTask', 'TrainingDiverged', 'check_run', 'continued_state',
+           'run_learner', 'run_lr', 'fit_run', 'last_metrics', 'write_run', 'tidy_run', 'run_task']
 
 # %% ../nbs/09_runs.ipynb #9944e90e
 def recipe_fit(learn, epochs:int, lr:float, seed:int, checkpoint, start:tuple, cbs:list, run_info:dict):
@@ -145,6 +145,15 @@ def write_run(task:RunTask, learn, s:SimpleNamespace, path:Path, classes:list, l
         (out/'metrics.json').write_text(json.dumps(result, indent=2))
     return result
 
+# %% ../nbs/09_runs.ipynb #d493317d
+RESUME_FILES = ('checkpoint.pth', 'checkpoint.pth.part', 'best.safetensors')
+
+def tidy_run(out) -> list:
+    "Remove from the finished run folder `out` what only continuing the run needs; return the names removed"
+    gone = [f for f in RESUME_FILES if (Path(out)/f).is_file()]
+    for f in gone: (Path(out)/f).unlink()
+    return gone
+
 # %% ../nbs/09_runs.ipynb #d12ffd56
 def run_task(task:RunTask, settings:dict, checkpoint:dict|None=None, args:dict|None=None) -> dict:
     "Train `task` with `settings`, write the run folder `settings['out']`: its `metrics.json` (other ranks: their rank)"
@@ -155,7 +164,9 @@ def run_task(task:RunTask, settings:dict, checkpoint:dict|None=None, args:dict|N
     dls, classes = task.dataloaders(path, s)
     out = Path(s.out); out.mkdir(parents=True, exist_ok=True)
     learn = run_learner(task, dls, s, classes, out, resuming=checkpoint is not None)
-    lr = run_lr(learn, s.lr, task.lr)
+    lr = run_lr(learn, s.lr, getattr(learn, 'recipe', {}).get('lr', task.lr))  # the rate the recipe chose, if any
     best, seconds = fit_run(task, learn, s, lr, checkpoint, args)
     if not is_main_process(): return dict(rank=rank_distrib())  # rank 0 evaluates and writes
-    return write_run(task, learn, s, path, classes, lr, best, seconds)
+    result = write_run(task, learn, s, path, classes, lr, best, seconds)
+    if not getattr(s, 'keep_checkpoint', False): tidy_run(out)
+    return result

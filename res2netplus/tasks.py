@@ -12,7 +12,7 @@ from .models import Res2Net, variant_row, res2net_factory
 from .augment import AlbumentationsTransform, res2netplus_augs, mix_callback
 from .data import (check_image_folder, check_image_csv, check_segmentation_folder, read_valid_stems,
                               image_files, MaskFromImage, fashion_mnist_sample, make_shapes, default_cache_dir)
-from .learner import res2netplus_learner
+from .learner import res2netplus_learner, budget_recipe
 from .segmentation import res2netplus_seg_learner, SEG_HEADS, check_compilable
 from .detection.train import DETECT, INSTANCE, train_detection
 from .runs import RunTask, one_cycle_fit
@@ -61,24 +61,35 @@ def run_config(learn, task:str, arch:str, classes:list) -> dict:
 
 # %% ../nbs/09b_tasks.ipynb #cf76e96e
 def _check_classify(s):
-    variant_row(s.arch); mix_callback(s.mix)  # a bad name fails here, before any data is read
+    variant_row(s.arch)  # a bad name fails here, before any data is read
+    if s.mix != 'auto': mix_callback(s.mix)
     if s.size < Res2Net.min_size:
         raise ValueError(f"--size {s.size} is smaller than the network's stride: use --size {Res2Net.min_size} or "
                          "more.")
 
+def _mix(s) -> str|None:
+    "--mix, with auto fitted to --epochs (`budget_recipe`)"
+    return budget_recipe(s.epochs, 1)['mix'] if s.mix == 'auto' else s.mix
+
 def _recipe_kw(s) -> dict:
     "The recipe learners' settings: trained weights (ImageNet's, or a file) mean a frozen body and fine-tuning"
-    return dict(mix=s.mix, pretrained=s.pretrained or s.weights is not None, weights=s.weights, compile=s.compile)
+    return dict(mix=_mix(s), pretrained=s.pretrained or s.weights is not None, weights=s.weights, compile=s.compile)
 
 def _recipe_summary(s) -> dict:
-    return dict(arch=s.arch, mix=s.mix, frozen_epochs=1 if s.pretrained or s.weights is not None else 0)
+    return dict(arch=s.arch, mix=_mix(s) or 'none', frozen_epochs=1 if s.pretrained or s.weights is not None else 0)
+
+def _classify_summary(learn, s, classes:list, m:dict) -> dict:
+    recipe = learn.recipe  # what the recipe chose for this run's length
+    return {**_recipe_summary(s), 'mix': recipe['mix'] or 'none', 'opt': recipe['opt_func'],
+            'schedule': recipe['schedule'], 'classes': classes, 'accuracy': m['accuracy']}
 
 CLASSIFY = RunTask(
     'classify', check=_check_classify,
     data=lambda s: Path(s.data).expanduser() if s.data else fashion_mnist_sample(),
     dataloaders=image_dataloaders,
-    learner=lambda dls, s, **kw: res2netplus_learner(dls, s.arch, **_recipe_kw(s), **kw),
-    summary=lambda learn, s, classes, m: dict(**_recipe_summary(s), classes=classes, accuracy=m['accuracy']),
+    learner=lambda dls, s, **kw: res2netplus_learner(dls, s.arch, **{**_recipe_kw(s), 'mix': s.mix}, epochs=s.epochs,
+                                                     **kw),
+    summary=_classify_summary,
     plots=classification_plots, config=run_config, model_keys=('0', '1'))  # fastai's body (0) and head (1)
 
 # %% ../nbs/09b_tasks.ipynb #984d12cf
@@ -110,7 +121,7 @@ def _shapes(s) -> Path:
     return Path(s.data).expanduser() if s.data else make_shapes(cache, **SHAPES)
 
 def _segment_summary(learn, s, codes, m) -> dict:
-    return dict(arch=s.arch, head=s.head, output_stride=learn.output_stride, codes=codes, mix=s.mix,
+    return dict(arch=s.arch, head=s.head, output_stride=learn.output_stride, codes=codes, mix=_recipe_summary(s)['mix'],
                 frozen_epochs=_recipe_summary(s)['frozen_epochs'], dice=m['dice'], mean_iou=m['mean_iou'])
 
 SEGMENT = RunTask(

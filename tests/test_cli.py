@@ -11,15 +11,18 @@ def cli(*args, cwd=None):
 def test_train_then_predict(image_folder, tmp_path):
     out = tmp_path/'run'
     r = cli('train', '--data', str(image_folder), '--size', '32', '--bs', '8', '--epochs', '2', '--out', str(out),
-            '--workers', '0')
+            '--workers', '0', '--mix', 'cutmix')  # forced: 2 epochs alone would train without mixing
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'valid accuracy' in r.stdout and 'train_loss' in r.stdout  # fastai's per-epoch table
     for f in ('export.pkl', 'model.safetensors', 'metrics.csv', 'metrics.json'):
         assert (out/f).is_file(), f
+    for f in ('checkpoint.pth', 'checkpoint.pth.part', 'best.safetensors'):  # a finished run keeps the model only
+        assert not (out/f).exists(), f
     for f in ('loss.png', 'confusion_matrix.png', 'top_losses.png'):
         assert Image.open(out/f).size[0] > 100, f
     metrics = json.loads((out/'metrics.json').read_text())
     assert metrics['classes'] == ['disc', 'square'] and 0 <= metrics['accuracy'] <= 1 and metrics['mix'] == 'cutmix'
+    assert (metrics['opt'], metrics['schedule']) == ('Adam', 'fit_one_cycle')  # 2 epochs: too short for ranger
     assert len((out/'metrics.csv').read_text().strip().splitlines()) == 3  # header + 2 epochs
     img = next((image_folder/'valid'/'disc').iterdir())
     from fastai.learner import load_learner
@@ -66,18 +69,37 @@ def test_class_missing_from_valid(image_folder, tmp_path):
     assert r.returncode == 2 and 'Classes missing from valid/: square' in r.stderr and 'Traceback' not in r.stderr
 
 def test_train_from_csv_with_lr_find(image_folder, tmp_path):
-    "A CSV of file names and labels with an is_valid column; --lr 0 runs lr_find; --mix none"
+    "A CSV of file names and labels with an is_valid column; --lr 0 runs lr_find; --mix auto: none for 1 epoch"
     rows = ['fname,label,is_valid'] + [f'{p.relative_to(image_folder)},{p.parent.name},{p.parts[-3] == "valid"}'
                                        for p in sorted(image_folder.rglob('*.png'))]
     (image_folder/'labels.csv').write_text('\n'.join(rows))
     out = tmp_path/'run'
     r = cli('train', '--data', str(image_folder/'labels.csv'), '--size', '32', '--bs', '8', '--epochs', '1',
-            '--lr', '0', '--mix', 'none', '--out', str(out), '--workers', '0')
+            '--lr', '0', '--out', str(out), '--workers', '0')
     assert r.returncode == 0, r.stderr[-3000:]
     found = float(r.stdout.split('lr_find:')[1].split()[0])
     metrics = json.loads((out/'metrics.json').read_text())
     assert metrics['classes'] == ['disc', 'square'] and metrics['mix'] == 'none'
     assert metrics['lr'] == pytest.approx(found, rel=0.01)
+    from fastai.learner import load_learner
+    learn = load_learner(out/'export.pkl')
+    assert not [cb for cb in learn.cbs if type(cb).__name__ in ('CutMix', 'MixUp', 'MixUpCutMix')]
+
+def test_the_main_job_settings(monkeypatch, tmp_path):
+    "`res2netplus train` alone: the bundled data at 32 px, 7 epochs, the recipe fitted to them (trained in the README)"
+    import res2netplus.cli
+    seen = {}
+    def run_task(task, settings, checkpoint=None, args=None):
+        seen.update(settings, task=task.name)
+        return dict(task='classify', accuracy=0.9, valid_loss=0.5, epochs=settings['epochs'], train_seconds=1.)
+    monkeypatch.setattr(res2netplus.cli, 'run_task', run_task)
+    assert res2netplus.cli.main(['train', '--out', str(tmp_path/'run')]) == 0
+    assert (seen['task'], seen['data'], seen['size'], seen['bs'], seen['epochs']) == ('classify', None, 32, 64, 7)
+    assert (seen['mix'], seen['lr'], seen['keep_checkpoint']) == ('auto', None, False)
+    from fastai.vision.all import Adam
+    from res2netplus.learner import budget_recipe
+    plan = budget_recipe(7, 2000//64)  # the bundled subset's 2,000 training images
+    assert (plan['mix'], plan['opt_func'], plan['schedule']) == (None, Adam, 'fit_one_cycle')
 
 @pytest.mark.parametrize('problem,message', [('unreadable', 'unreadable or damaged image(s)'),
                                              ('csv_missing_file', 'do not exist'), ('bad_mix', 'Unknown mix'),

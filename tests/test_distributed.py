@@ -71,7 +71,7 @@ def test_detection(tmp_path):
 def test_command_line_distributed(image_folder, tmp_path):
     out = tmp_path/'run'
     args = ['train', '--distributed', '2', '--data', str(image_folder), '--epochs', '1', '--size', '64', '--bs', '4',
-            '--mix', 'none', '--out', str(out)]
+            '--mix', 'none', '--out', str(out), '--keep_checkpoint']
     r = subprocess.run([sys.executable, '-m', 'res2netplus.cli', *args], capture_output=True, text=True, timeout=900,
                        env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

@@ -64,7 +64,7 @@ KILL_WORKERS = textwrap.dedent("""
 def test_killed_data_loader_worker_stops_cleanly_and_resumes(image_folder, tmp_path):
     out = tmp_path/'run'
     args = ['train', '--data', str(image_folder), '--epochs', '2', '--size', '64', '--bs', '4', '--mix', 'none',
-            '--workers', '1', '--out', str(out)]
+            '--workers', '1', '--out', str(out), '--keep_checkpoint']
     env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
     r = subprocess.run([sys.executable, '-c', KILL_WORKERS, *args], capture_output=True, text=True, timeout=900,
                        env=env)

@@ -3,7 +3,7 @@ import pytest, torch
 import safetensors.torch
 from res2netplus.models import res2net50d
 from conftest import tiny_plus
-from res2netplus.learner import res2netplus_learner, RECIPE
+from res2netplus.learner import res2netplus_learner, RECIPE, SHORT_RECIPE, BUDGET
 from res2netplus.augment import CutMix, MixUp, Mixer
 
 def test_fit_recipe_unfreezes_a_pretrained_body_like_fine_tune(dls, tmp_path):
@@ -19,12 +19,18 @@ def test_fit_recipe_unfreezes_a_pretrained_body_like_fine_tune(dls, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(start, body[:3]))
     assert learn.loss_func.__class__.__name__ == 'LabelSmoothingCrossEntropyFlat'
 
-def test_fit_recipe_from_scratch_uses_the_recipe_schedule(dls, monkeypatch):
-    learn = res2netplus_learner(dls, 'res2netplus50', mix=None)
+def test_fit_recipe_fits_the_schedule_to_the_run(dls, monkeypatch):
+    "A short run: Adam, one cycle, no mixing; a long one (in steps and epochs): ranger, flat then cosine, CutMix"
+    learn = res2netplus_learner(dls, 'res2netplus50')
     calls = []
-    monkeypatch.setattr(type(learn), RECIPE["schedule"], lambda self, n, lr, **kw: calls.append((n, lr)))
+    for name in ('fit_one_cycle', 'fit_flat_cos'):
+        monkeypatch.setattr(type(learn), name, lambda self, n, lr, name=name, **kw: calls.append((name, n, lr)))
     learn.fit_recipe(3)
-    assert calls == [(3, RECIPE['lr'])]
+    assert learn.opt_func is SHORT_RECIPE['opt_func'] and not any(isinstance(cb, Mixer) for cb in learn.cbs)
+    long = max(BUDGET['mix_epochs'], -(-BUDGET['ranger_steps'] // len(dls.train)))
+    learn.fit_recipe(long)
+    assert learn.opt_func is RECIPE['opt_func'] and [type(cb) for cb in learn.cbs if isinstance(cb, Mixer)] == [CutMix]
+    assert calls == [('fit_one_cycle', 3, SHORT_RECIPE['lr']), ('fit_flat_cos', long, RECIPE['lr'])]
 
 @pytest.mark.parametrize('channels_last', [None, False])
 def test_trains_channels_last_unless_told_not_to(dls, channels_last):

@@ -3,6 +3,7 @@ stops, damaged checkpoints"""
 import json, subprocess, sys
 import pytest, torch
 from safetensors.torch import load_file
+from res2netplus.learner import read_checkpoint
 
 RUN = ['--size', '32', '--bs', '8', '--epochs', '3', '--workers', '0']
 
@@ -25,7 +26,7 @@ def epochs_logged(csv) -> list:
 
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(image_folder, tmp_path):
     whole, cut = tmp_path/'whole', tmp_path/'cut'
-    r = cli('train', '--data', str(image_folder), *RUN, '--out', str(whole))
+    r = cli('train', '--data', str(image_folder), *RUN, '--out', str(whole), '--keep_checkpoint')
     assert r.returncode == 0, r.stderr[-3000:]
     r = cli_with(FAIL_IN_EPOCH_2, 'train', '--data', str(image_folder), *RUN, '--out', str(cut))
     assert r.returncode != 0 and 'injected failure' in r.stderr
@@ -41,7 +42,9 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(image_folder, tmp_
     assert epochs_logged(cut/'metrics.csv') == epochs_logged(whole/'metrics.csv') == [0, 1, 2]
     mw, mc = json.loads((whole/'metrics.json').read_text()), json.loads((cut/'metrics.json').read_text())
     assert mw['valid_loss'] == pytest.approx(mc['valid_loss'], abs=1e-5) and mw['best_epoch'] == mc['best_epoch']
-    assert load_file(whole/'best.safetensors').keys() == a.keys()
+    assert load_file(whole/'best.safetensors').keys() == a.keys()  # kept, as asked
+    assert read_checkpoint(whole/'checkpoint.pth')['epoch'] == 2
+    assert not (cut/'checkpoint.pth').exists() and not (cut/'best.safetensors').exists()  # finished: the model only
 
 def test_same_seed_same_run_on_cpu(image_folder, tmp_path):
     runs = []
