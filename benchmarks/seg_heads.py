@@ -1,7 +1,8 @@
 """Segmentation heads at small budgets on real images: ours (U-Net, FPN, DeepLabV3+) against smp's on the same encoder.
 
-    python benchmarks/seg_heads.py                        # the full study (about an hour on 2 idle CPU cores)
-    python benchmarks/seg_heads.py --heads fpn --opts ranger --epochs 5 --seeds 0 --variants before after
+    python benchmarks/seg_heads.py          # the full grid: 120 runs of 1-12 min each on 2 CPU cores (hours)
+    python benchmarks/seg_heads.py --arch res2netplus_1111 --heads fpn --opts ranger adam --schedules one_cycle \
+        --epochs 5 --seeds 0 --variants before after smp   # the rows of docs/quality.md, a few at a time
 
 Data: the stardist nuclei tiles of `real_data.py` (35 training tiles of 128 px, 4 held-out, 20 % foreground; fetched
 from PyPI when missing). Every run starts from random init with the same DataLoaders (bs 8, no augmentation), loss
@@ -12,6 +13,7 @@ from PyPI when missing). Every run starts from random init with the same DataLoa
 - `after`: today's defaults (`init_prior='auto'`: the classifier's bias starts at the class frequencies of the
   training masks).
 - `smp`: segmentation_models_pytorch's Unet / FPN / DeepLabV3Plus on `tu-res2netplus50` (skipped if smp is missing).
+Encoders: `res2netplus50`, or `res2netplus_1111` (res2netplus50 with one block per stage, for a loaded machine).
 Optimizers: `ranger` (the recipe's: RAdam + Lookahead), `adam` (fastai's Adam), `radam` (ranger without Lookahead).
 Schedules: `one_cycle` (`fit_one_cycle(epochs, lr)`) and `recipe` (`fit_recipe(epochs, lr)`; for smp, `fit_flat_cos`).
 Results are appended to benchmarks/results/seg_heads.json one run at a time; `--table` prints the table from it.
