@@ -15,6 +15,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from fastcore.foundation import L
 from fastai.callback.hook import model_sizes
 from fastai.learner import Learner, Metric
+from fastai.optimizer import Adam
 from fastai.torch_core import params
 from fastai.data.transforms import get_c
 from fastai.vision.learner import create_body, model_meta, _add_norm, _default_meta
@@ -25,9 +26,10 @@ from .learner import RECIPE, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
 from .distributed import ProcessShare
 
 # %% auto #0
-__all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead', 'FPNSegmentation',
-           'DeepLabV3PlusHead', 'DeepLabV3Plus', 'SegmentationLoss', 'ConfusionMetric', 'MeanIoU', 'MeanDice',
-           'create_seg_model', 'res2net_seg_split', 'check_compilable', 'res2netplus_seg_learner']
+__all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'SEG_OPT_FUNC', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead',
+           'FPNSegmentation', 'DeepLabV3PlusHead', 'DeepLabV3Plus', 'SegmentationLoss', 'ConfusionMetric', 'MeanIoU',
+           'MeanDice', 'create_seg_model', 'res2net_seg_split', 'seg_classifier', 'class_frequencies',
+           'init_class_prior', 'check_compilable', 'res2netplus_seg_learner']
 
 # %% ../nbs/06_segmentation.ipynb #786ef9d8
 def stage_info(body:nn.Sequential, n_in:int|None=None, size:int=64):
@@ -224,8 +226,35 @@ def res2net_seg_split(m:nn.Module):
     if isinstance(m, DynamicUnet): return res2net_split(m)
     return L(m.body[:-4], m.body[-4:], m.head).map(params)
 
+# %% ../nbs/06_segmentation.ipynb #b7d2e94f
+def seg_classifier(model:nn.Module) -> nn.Conv2d:
+    "The convolution that gives a segmentation model's logits: its last `nn.Conv2d`"
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+
+def class_frequencies(dls, n_out:int, ignore_index:int|None=255, max_batches:int=16) -> torch.Tensor:
+    "Share of each class among the labelled pixels of (at most `max_batches`) training batches; at least 1e-3 each"
+    counts = torch.zeros(n_out, dtype=torch.float64)
+    for i, (_, y) in enumerate(dls.train):
+        y = torch.as_tensor(y).flatten().long().cpu()
+        y = y[(y >= 0) & (y < n_out)]
+        counts += torch.bincount(y, minlength=n_out)[:n_out].double()
+        if i + 1 >= max_batches: break
+    if counts.sum() == 0: return torch.full((n_out,), 1 / n_out)
+    return (counts / counts.sum()).clamp_min(1e-3).float()
+
+def init_class_prior(model:nn.Module, prior) -> nn.Module:
+    "Set the classifier's bias to log(`prior`) so the softmax starts at the class frequencies `prior` (one per class)"
+    conv = seg_classifier(model)
+    prior = torch.as_tensor(prior, dtype=torch.float32).flatten()
+    if conv.bias is None or len(prior) != conv.out_channels or (prior <= 0).any():
+        raise ValueError(f"init_prior needs one positive frequency per class ({conv.out_channels}), got "
+                         f"{prior.tolist()}; or pass init_prior=None to keep the head's own bias.")
+    with torch.no_grad(): conv.bias.copy_((prior / prior.sum()).log())
+    return model
+
 # %% ../nbs/06_segmentation.ipynb #ff0a064d
 _LEARNER_ARGS = set(inspect.signature(Learner).parameters) - {'dls', 'model'}
+SEG_OPT_FUNC = Adam  # not the recipe's ranger: it barely moves in the few dozen steps of a small segmentation set
 
 def check_compilable(head:str):
     "Raise `compile_learner`'s error, before any work, for a head that cannot compile: fastai's U-Net"
@@ -235,8 +264,9 @@ def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|No
                             output_stride:int|None=None, loss_func=None, dice_weight:float=0.,
                             ignore_index:int|None=255, metrics=None, opt_func=None, cbs=None,
                             precision:str|None='auto', channels_last:bool|None=None, weights=None, n_out:int|None=None,
-                            n_in:int=3, normalize:bool=True, compile:bool=False, **kwargs) -> Learner:
-    "A segmentation Learner: Res2Net body, `head`, the recipe; train it with `learn.fit_recipe(epochs)`"
+                            n_in:int=3, normalize:bool=True, compile:bool=False, init_prior='auto',
+                            **kwargs) -> Learner:
+    "A segmentation Learner: Res2Net body, `head` (its classifier starting at the class frequencies), the recipe with Adam"
     if compile: check_compilable(head)
     learner_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEARNER_ARGS}
     n_out = n_out or get_c(dls)
@@ -246,9 +276,13 @@ def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|No
     if normalize: _add_norm(dls, model_meta.get(resolve_arch(arch), _default_meta), pretrained, n_in)
     img_size = dls.one_batch()[0].shape[-2:] if head == 'unet' else (64, 64)
     model = create_seg_model(arch, n_out, head, img_size, pretrained, weights, output_stride, n_in, **kwargs)
+    if isinstance(init_prior, str) and init_prior != 'auto':
+        raise ValueError(f"init_prior must be 'auto', None or one frequency per class, got {init_prior!r}.")
+    if init_prior is not None:
+        init_class_prior(model, class_frequencies(dls, n_out, ignore_index) if init_prior == 'auto' else init_prior)
     metrics = [MeanDice(ignore_index), MeanIoU(ignore_index)] if metrics is None else metrics
     learn = Learner(dls, model, loss_func=loss_func or SegmentationLoss(ignore_index, dice_weight),
-                    opt_func=opt_func or RECIPE['opt_func'], metrics=metrics,
+                    opt_func=opt_func or SEG_OPT_FUNC, metrics=metrics,
                     cbs=_with_mixer(cbs, mix), splitter=res2net_seg_split, **learner_kw)
     if pretrained: learn.freeze()
     learn.arch, learn.head, learn.output_stride = arch, head, output_stride or DEFAULT_OUTPUT_STRIDE[head]

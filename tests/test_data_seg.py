@@ -122,3 +122,23 @@ def test_valid_stems(bad):
     with pytest.raises(ValueError, match=r'1 name\(s\) in .*valid.txt are not images .*\(nope\)'): read_valid_stems(bad)
     (bad/'valid.txt').write_text('\n'.join(f'{i:04d}' for i in range(12)))
     with pytest.raises(ValueError, match='leave some for training'): read_valid_stems(bad)
+
+def test_real_data_tiling_without_the_download():
+    "benchmarks/real_data.py: the nuclei split (35 training tiles, 4 held out, no row shared) and the box clipping"
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1]/'benchmarks'))
+    import real_data
+    origins = real_data._origins(128, 64, 128, 384)
+    assert len(origins['train']) == 35 and len(origins['valid']) == 4
+    assert max(y for y, _ in origins['train']) + 128 <= 384 <= min(y for y, _ in origins['valid'])
+    assert real_data._starts(1035, 400) == [0, 400, 635] and real_data._starts(400, 400) == [0]
+    img = np.zeros((500, 500, 3), np.uint8)
+    # inside; half outside the first tile (kept there, truncated); mostly outside (dropped there)
+    recs = real_data._tile_boxes(img, [[10, 10, 50, 60], [380, 0, 420, 20], [395, 100, 430, 140]], ['a', 'b', 'c'],
+                                 400, 'x')
+    assert [r['origin'] for r in recs] == [(0, 0), (0, 100), (100, 0), (100, 100)]
+    first = {a['label']: a for a in recs[0]['annotations']}
+    assert sorted(first) == ['a', 'b'] and first['b']['bbox_xyxy'] == [380, 0, 400, 20] and first['b']['truncated']
+    assert first['a']['bbox'] == [10, 10, 40, 50] and not first['a']['truncated']
+    with pytest.raises(ValueError, match="Unknown data wheel 'kaggle'"): real_data.fetch_wheel('kaggle')

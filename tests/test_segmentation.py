@@ -2,9 +2,11 @@
 import gc, pytest, torch
 import torch.nn.functional as F
 from torch import nn
-from fastai.vision.all import DataBlock, ImageBlock, MaskBlock, RandomSplitter, load_learner, set_seed, unet_learner
+from fastai.vision.all import (Adam, DataBlock, ImageBlock, MaskBlock, RandomSplitter, load_learner, set_seed,
+                               unet_learner)
 from res2netplus.segmentation import (SEG_HEADS, create_seg_model, res2netplus_seg_learner, SegmentationLoss, MeanIoU,
-                                      MeanDice, FPNSegmentation, DeepLabV3Plus)
+                                      MeanDice, FPNSegmentation, DeepLabV3Plus, seg_classifier, class_frequencies,
+                                      init_class_prior)
 from res2netplus.data import make_shapes, MaskFromImage, read_codes, image_files
 from res2netplus.augment import MixUp, Mixer
 from res2netplus.models import res2netplus50
@@ -152,3 +154,33 @@ def test_compile_trains_our_heads_and_refuses_the_unet(seg_dls, head):
     x = seg_dls.one_batch()[0].cpu()
     model = learn.model.eval()
     with torch.no_grad(): assert torch.allclose(model(x), model._call_impl(x), rtol=1e-4, atol=1e-4)
+
+@pytest.mark.parametrize('head', list(SEG_HEADS))
+def test_init_prior_starts_the_softmax_at_the_class_frequencies(head):
+    "The classifier's bias is log(prior): with its weights at zero every pixel predicts exactly the prior"
+    model = create_seg_model(tiny_plus, 3, head, img_size=(64, 64))
+    init_class_prior(model, [0.7, 0.2, 0.1])
+    conv = seg_classifier(model)
+    assert conv.out_channels == 3
+    torch.testing.assert_close(conv.bias.softmax(0), torch.tensor([0.7, 0.2, 0.1]))
+    with torch.no_grad():
+        conv.weight.zero_()
+        probs = model.eval()(torch.randn(2, 3, 64, 64)).softmax(1)
+    torch.testing.assert_close(probs, torch.tensor([0.7, 0.2, 0.1]).view(1, 3, 1, 1).expand_as(probs))
+
+def test_learner_sets_the_prior_from_the_training_masks(seg_dls):
+    "init_prior='auto' (the default): the foreground share of the training masks; None: the head's own (near 0.5)"
+    ys = torch.cat([torch.as_tensor(y).flatten() for _, y in seg_dls.train])
+    fg = float((ys == 1).float().mean())
+    assert 0.05 < fg < 0.3
+    torch.testing.assert_close(class_frequencies(seg_dls, 2), torch.tensor([1 - fg, fg]))
+    learn = res2netplus_seg_learner(seg_dls, tiny_plus, head='fpn', mix=None)
+    assert learn.opt_func is Adam  # not ranger: see the notebook's learner section
+    torch.testing.assert_close(seg_classifier(learn.model).bias.softmax(0), torch.tensor([1 - fg, fg]))
+    learn = res2netplus_seg_learner(seg_dls, tiny_plus, head='fpn', mix=None, init_prior=None)
+    bias = seg_classifier(learn.model).bias
+    assert bias.abs().max() <= 128 ** -0.5 and not torch.allclose(bias.softmax(0), torch.tensor([1 - fg, fg]), atol=0.1)
+    with pytest.raises(ValueError, match=r'one positive frequency per class \(2\), got \[0.5, 0.3, 0.2\]'):
+        res2netplus_seg_learner(seg_dls, tiny_plus, head='fpn', init_prior=[0.5, 0.3, 0.2])
+    with pytest.raises(ValueError, match="init_prior must be 'auto', None"):
+        res2netplus_seg_learner(seg_dls, tiny_plus, head='fpn', init_prior='data')
