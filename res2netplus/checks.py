@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 # %% auto #0
 __all__ = ['check_finite', 'check_images', 'CheckedSequential']
@@ -24,7 +25,7 @@ def check_finite(x:torch.Tensor, name:str='The model'):
 
 def check_images(x, name:str, n_in:int, min_size:int, too_small_fix:str, finite:bool=False):
     "Raise a `ValueError` naming the fix unless `x` is an (N, `n_in`, H, W) batch with H, W ≥ `min_size` (finite too)"
-    if torch.jit.is_tracing() or torch.compiler.is_compiling(): return
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_symbolic_tracing(): return
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"{name} takes a batch of images shaped (N, C, H, W), got {getattr(x, 'shape', type(x))}. "
                          "For one image add the batch dimension: x[None].")

@@ -7,21 +7,22 @@ with fastai (`vision_learner`, `unet_learner`) and timm (`timm.create_model`, `f
 from __future__ import annotations
 import difflib, warnings
 from collections import OrderedDict
+from contextlib import nullcontext
 from functools import partial
 import torch
 from torch import nn
-from fastcore.basics import patch
 from fastcore.foundation import L
 from fastai.layers import ConvLayer
 from fastai.torch_core import params
 from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import model_meta
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, register_model, resolve_pretrained_cfg
 from .checks import check_finite, check_images, CheckedSequential
 from .layers import Bottle2neck, res2net_stage
+from .timm_api import TimmModelMixin, global_pool_head
 from .fast.blocks import FastBottle2neck, ConvActNorm, MaxPool2d
-from .weights import load_weights, read_weights, fetch_imagenet_weights
+from .weights import load_weights, read_weights, fetch_imagenet_weights, fit_state_dict
 _all_ = ['check_finite', 'check_images', 'CheckedSequential']  # still exported here, where they were defined
 
 # %% auto #0
@@ -66,15 +67,6 @@ def _check_positive_ints(name, values, n=None):
         raise ValueError(f"{name} must be {n or 'some'} positive integers, got {values!r}.")
     return values
 
-def _pooling(global_pool:str, num_classes:int) -> tuple:
-    "The head's pooling and flattening: 'avg', 'max', or '' (none: the model returns its last feature map)"
-    pools = {'avg': nn.AdaptiveAvgPool2d, 'max': nn.AdaptiveMaxPool2d}
-    if global_pool == '' and num_classes == 0: return nn.Identity(), nn.Identity()
-    if global_pool not in pools:
-        raise ValueError(f"global_pool must be 'avg', 'max', or '' with num_classes=0 (unpooled features), "
-                         f"got {global_pool!r} with num_classes={num_classes}.")
-    return pools[global_pool](1), nn.Flatten()
-
 def _res2net_stages(inplanes:int, layers, output_stride:int, drop_path_rate:float, **block_kwargs) -> tuple:
     "The named stages `layer1…layer4` of a Res2Net whose stem gives `inplanes` channels, and their `feature_info`"
     n_blocks = sum(layers)
@@ -91,40 +83,47 @@ def _res2net_stages(inplanes:int, layers, output_stride:int, drop_path_rate:floa
     return stages, feature_info
 
 # %% ../nbs/02_models.ipynb #2f85e22c
-class Res2Net(CheckedSequential):
+def _check_args(num_classes, drop_rate, drop_path_rate, output_stride):
+    if not (isinstance(num_classes, int) and num_classes >= 0):
+        raise ValueError(f"num_classes (n_out) must be an integer >= 0, got {num_classes!r}.")
+    for name, p in (('drop_rate', drop_rate), ('drop_path_rate', drop_path_rate)):
+        if not 0 <= p < 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}.")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32 (32: no dilation), got {output_stride!r}.")
+
+class Res2Net(TimmModelMixin, CheckedSequential):
     "Res2Net, Res2NeXt and Res2NetPlus: an `nn.Sequential` of named stem layers, four stages and a classifier head"
     def __init__(self, layers=(3, 4, 6, 3), base_width:int=26, scale:int=4, cardinality:int=1, stem_type:str='',
                  stem_szs=(32, 32, 64), avg_down:bool=False, act_cls=nn.ReLU, bn_1st:bool=True, in_chans:int=3,
                  num_classes:int=1000, drop_rate:float=0., drop_path_rate:float=0., global_pool:str='avg',
-                 zero_init_last:bool=True, output_stride:int=32, check_finite:bool=False, fast:bool=True):
+                 zero_init_last:bool=True, output_stride:int=32, check_finite:bool=False, fast:bool=True,
+                 device=None, dtype=None):
         """`check_finite`: refuse input batches holding NaN or Inf (a full pass over each batch, so off by default).
         `fast`: build the stem and blocks from `res2netplus.fast`'s modules (same weights and outputs, fused kernels);
-        `fast=False` gives the plain `Bottle2neck`s of `res2netplus.layers`"""
+        `fast=False` gives the plain `Bottle2neck`s of `res2netplus.layers`. `device`, `dtype`: where and in what
+        precision the parameters are made (timm's factory arguments; `'meta'` builds the network without memory)"""
         layers = _check_positive_ints('layers (blocks per stage)', layers, 4)
         stem_szs = _check_positive_ints('stem_szs', stem_szs, 3)
         _check_positive_ints('in_chans', [in_chans])
-        if not (isinstance(num_classes, int) and num_classes >= 0):
-            raise ValueError(f"num_classes (n_out) must be an integer >= 0, got {num_classes!r}.")
-        for name, p in (('drop_rate', drop_rate), ('drop_path_rate', drop_path_rate)):
-            if not 0 <= p < 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}.")
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32 (32: no dilation), got {output_stride!r}.")
-        pool, flatten = _pooling(global_pool, num_classes)
-        stem = res2net_stem(stem_type, in_chans, stem_szs, act_cls, bn_1st, fast)
-        block = FastBottle2neck if fast else Bottle2neck
-        stages, stage_info = _res2net_stages(stem_szs[-1], layers, output_stride, drop_path_rate, avg_down=avg_down,
-                                             base_width=base_width, scale=scale, cardinality=cardinality,
-                                             act_cls=act_cls, bn_1st=bn_1st, block=block)
-        inplanes = stage_info[-1]['num_chs']
-        head = [('global_pool', pool), ('flatten', flatten), ('head_drop', nn.Dropout(drop_rate)),
-                ('fc', nn.Linear(inplanes, num_classes) if num_classes else nn.Identity())]
-        super().__init__(OrderedDict(stem + stages + head))
-        self.num_classes, self.num_features, self.drop_rate = num_classes, inplanes, drop_rate
-        self.head_hidden_size = inplanes
-        self.feature_info = [dict(num_chs=stem_szs[-1], reduction=2, module=stem[-2][0])] + stage_info
-        self.output_stride = self.min_size = output_stride
-        self.check_finite = check_finite
-        self.init_weights(zero_init_last)
+        _check_args(num_classes, drop_rate, drop_path_rate, output_stride)
+        pool = global_pool_head(global_pool, num_classes)
+        with torch.device(device) if device is not None else nullcontext():  # every layer made on `device`
+            stem = res2net_stem(stem_type, in_chans, stem_szs, act_cls, bn_1st, fast)
+            stages, stage_info = _res2net_stages(
+                stem_szs[-1], layers, output_stride, drop_path_rate, avg_down=avg_down, base_width=base_width,
+                scale=scale, cardinality=cardinality, act_cls=act_cls, bn_1st=bn_1st,
+                block=FastBottle2neck if fast else Bottle2neck)
+            self.num_features = stage_info[-1]['num_chs']
+            head_width = self.num_features * pool.feat_mult()
+            head = [('global_pool', pool), ('flatten', nn.Identity()), ('head_drop', nn.Dropout(drop_rate)),
+                    ('fc', nn.Linear(head_width, num_classes) if num_classes else nn.Identity())]
+            super().__init__(OrderedDict(stem + stages + head))
+            self.num_classes, self.drop_rate, self.head_hidden_size = num_classes, drop_rate, head_width
+            self.feature_info = [dict(num_chs=stem_szs[-1], reduction=2, module=stem[-2][0])] + stage_info
+            self.output_stride = self.min_size = output_stride
+            self.check_finite = check_finite
+            self.init_weights(zero_init_last)
+        if dtype is not None: self.to(dtype=dtype)
 
     def init_weights(self, zero_init_last:bool=True):
         "timm's ResNet init: Kaiming-normal convs, zero biases, zero last BN gamma in each block"
@@ -133,39 +132,6 @@ class Res2Net(CheckedSequential):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
                 if m.bias is not None: nn.init.zeros_(m.bias)
             if zero_init_last and hasattr(m, 'zero_init_last'): m.zero_init_last()
-
-# %% ../nbs/02_models.ipynb #a3a801da
-@patch
-def forward_features(self:Res2Net, x):
-    self.check_input(x)  # here, not in forward: timm's and fastai's timm routes call forward_features alone
-    for name, m in self.named_children():
-        if name == 'global_pool': break
-        x = m(x)
-    return x
-
-@patch
-def forward_head(self:Res2Net, x, pre_logits:bool=False):
-    x = self.head_drop(self.flatten(self.global_pool(x)))
-    return x if pre_logits else self.fc(x)
-
-@patch
-def forward(self:Res2Net, x): return self.forward_head(self.forward_features(x))
-
-@patch
-def get_classifier(self:Res2Net, name_only=False): return 'fc' if name_only else self.fc
-
-@patch
-def reset_classifier(self:Res2Net, num_classes:int, global_pool=None):
-    "timm's: a fresh `num_classes` classifier (0: none) and, if given, pooling `global_pool`"
-    if global_pool is not None: self.global_pool, self.flatten = _pooling(global_pool, num_classes)
-    elif num_classes and isinstance(self.global_pool, nn.Identity):
-        raise ValueError("The model has no global pooling: pass global_pool='avg' or 'max' with num_classes > 0.")
-    self.num_classes = num_classes
-    self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-@patch
-def group_matcher(self:Res2Net, coarse=False):
-    return dict(stem=r'^(conv1|bn1|act1|stem\d|maxpool)', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
 # %% ../nbs/02_models.ipynb #10759058
 _R50, _R101, _R152 = (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
@@ -213,30 +179,40 @@ def _cfg(name:str) -> dict:
                 first_conv={'': 'conv1', 'deep': 'conv1.0', 'xresnet': 'stem1.0'}[stem], architecture=name)
 
 # %% ../nbs/02_models.ipynb #59a5fb8d
-def _build_res2net(variant:str, pretrained:bool, weights, cache_dir, **kwargs) -> Res2Net:
-    row = variant_row(variant)
-    model = Res2Net(**{**row['arch'], **kwargs})
+def _build_res2net(variant:str, weights, imagenet:str|None, cache_dir, **kwargs) -> Res2Net:
+    "The network, with a `weights` file or the `imagenet` checkpoint loaded before timm wraps it (`features_only`)"
+    model = Res2Net(**{**variant_row(variant)['arch'], **kwargs})
     if weights is not None: load_weights(model, read_weights(weights), source=f'weights file {weights}', name=variant)
-    elif pretrained:
-        load_weights(model, fetch_imagenet_weights(row['imagenet'], cache_dir),
-                     source=f"{row['imagenet']} ImageNet weights")
+    elif imagenet:
+        load_weights(model, fetch_imagenet_weights(imagenet, cache_dir), source=f"{imagenet} ImageNet weights")
     return model
 
+def _names_weights(cfg:dict, default:dict) -> bool:
+    "Whether timm's `pretrained_cfg` names weights of its own (a saved model, an overlay's file), not the default"
+    return cfg.get('source') in ('hf-hub', 'local-dir') or cfg.get('state_dict') is not None or any(
+        cfg.get(k) and cfg.get(k) != default.get(k) for k in ('file', 'hf_hub_id', 'url'))
+
+# %% ../nbs/02_models.ipynb #4c6987b1
 def create_res2net(variant:str, pretrained:bool=False, weights=None, n_out:int=1000, **kwargs) -> Res2Net:
-    "Build `variant` (kwargs override its settings) with ImageNet weights (`pretrained`) or a local file (`weights`)"
+    """Build `variant` (kwargs override its settings) with ImageNet weights (`pretrained`), a local file (`weights`), or
+    the weights timm's `pretrained_cfg` names (`local-dir:`/`hf-hub:` models, an overlay's `file` or `state_dict`)"""
     row = variant_row(variant)
     if isinstance(weights, str) and weights.upper() == 'DEFAULT': pretrained, weights = True, None
-    cfg, overlay = kwargs.pop('pretrained_cfg', None), kwargs.pop('pretrained_cfg_overlay', None)
+    if weights is not None and weights == (kwargs.get('pretrained_model_args') or {}).get('weights'):
+        weights = None  # the path a saved model's config recorded: the saved weights are the model's
+    default = _cfg(variant)
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None) or default,
+                                 kwargs.pop('pretrained_cfg_overlay', None)).to_dict()
     cache_dir = kwargs.pop('cache_dir', None)
-    if pretrained and weights is None and (overlay or {}).get('file'):
-        weights = overlay['file']  # timm's way to name a local file
-    if pretrained and weights is None and row['imagenet'] is None:
+    from_cfg = bool(pretrained) and weights is None and _names_weights(cfg, default)
+    imagenet = row['imagenet'] if pretrained and weights is None and not from_cfg else None
+    if pretrained and weights is None and not from_cfg and imagenet is None:
         raise ValueError(f"No ImageNet weights exist for {variant}. Use pretrained=False for random init, or pass "
                          "weights='path/to/checkpoint' saved from this variant.")
     kwargs.setdefault('num_classes', n_out)
-    build = partial(_build_res2net, variant, pretrained, weights, cache_dir)
-    return build_model_with_cfg(build, variant, pretrained=False,
-                                pretrained_cfg=cfg if isinstance(cfg, dict) else _cfg(variant), **kwargs)
+    return build_model_with_cfg(partial(_build_res2net, variant, weights, imagenet, cache_dir), variant,
+                                pretrained=from_cfg, pretrained_cfg=cfg, pretrained_filter_fn=fit_state_dict,
+                                cache_dir=cache_dir, **kwargs)
 
 # %% ../nbs/02_models.ipynb #0221f8ab
 def res2net50_26w_4s(pretrained=False, weights=None, n_out=1000, **kwargs):

@@ -17,7 +17,7 @@ from .layers import Bottle2neck
 # %% auto #0
 __all__ = ['V1B_STEM', 'IMAGENET_CLASSES', 'read_weights', 'hub_reachable', 'hub_offline', 'WeightsUnavailableError',
            'fetch_imagenet_weights', 'fold_bn', 'identity_bn_state', 'is_v1b_state_dict', 'transfer_v1b_to_plus',
-           'first_conv_name', 'load_weights']
+           'first_conv_name', 'load_weights', 'fit_state_dict']
 
 # %% ../nbs/01_weights.ipynb #16313816
 def read_weights(path, sha256:str|None=None) -> dict:
@@ -188,3 +188,16 @@ def load_weights(model:nn.Module, state_dict:dict, source:str='the checkpoint', 
         raise ValueError('\n'.join(msg))
     model.load_state_dict(sd)
     return model
+
+# %% ../nbs/01_weights.ipynb #aed39e84
+def fit_state_dict(state_dict:dict, model:nn.Module) -> dict:
+    """timm's `pretrained_filter_fn` for a Res2Net: `state_dict` loaded by `load_weights` (the v1b → Plus transfer,
+    input channels, errors that name the fix), a classifier of another size left out as timm leaves it (a fresh
+    head); returns the model's own state dict, which timm's `load_pretrained` then loads as it is"""
+    sd, target = dict(state_dict), model.state_dict()
+    for k in ('fc.weight', 'fc.bias'):
+        if k in sd and k in target and sd[k].shape != target[k].shape: sd[k] = target[k]
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    source = next((f"the weights of {k} {cfg[k]}" for k in ('hf_hub_id', 'file') if cfg.get(k)), 'the state_dict')
+    load_weights(model, sd, source=source)
+    return model.state_dict()

@@ -192,10 +192,24 @@ def test_reset_classifier_sets_the_pooling_like_timm():
     m.reset_classifier(0, '')
     assert torch.equal(m(x), features)
     m.reset_classifier(5, 'max')
-    assert isinstance(m.global_pool, nn.AdaptiveMaxPool2d)
+    assert m.global_pool.pool_type == 'max'
     assert torch.equal(m.forward_head(features, pre_logits=True), features.amax((2, 3)))
     unpooled = timm.create_model('res2netplus50', layers=(1, 1, 1, 1), num_classes=0, global_pool='')
     assert unpooled(x).shape == (2, 2048, 2, 2)
     m.reset_classifier(0, '')
-    with pytest.raises(ValueError, match="no global pooling: pass global_pool='avg'"): m.reset_classifier(3)
-    with pytest.raises(ValueError, match="'' with num_classes=0"): res2netplus50(global_pool='')
+    m.reset_classifier(3)  # a classifier needs pooled features: the default pool, as timm's contract tests expect
+    assert m.global_pool.pool_type == 'avg' and m(x).shape == (2, 3)
+    with pytest.raises(ValueError, match="'' \\(no pooling\\) is for num_classes=0"): res2netplus50(global_pool='')
+    with pytest.raises(ValueError, match="got 'median'"): m.reset_classifier(3, 'median')
+
+def test_networks_pickled_with_torchs_pools_still_run_and_reset():
+    "Networks saved before the head used timm's pools hold nn.AdaptiveAvgPool2d and nn.Flatten"
+    import pickle
+    m = res2netplus50(layers=(1, 1, 1, 1), n_out=3).eval()
+    m.global_pool, m.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    del m.head_hidden_size
+    old = pickle.loads(pickle.dumps(m))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): assert torch.equal(old(x), m(x))
+    assert old._pool_type() == 'avg' and not old.grad_checkpointing
+    old.reset_classifier(4); assert old(x).shape == (2, 4) and old.head_hidden_size == 2048

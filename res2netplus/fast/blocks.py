@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from fastai.layers import ConvLayer
 from ..layers import Bottle2neck
 from .gpu import _gpu_mish_or_none
@@ -80,6 +81,7 @@ def _conv_act_norm(conv:nn.Module, norm:nn.Module, act:nn.Module, x:torch.Tensor
 class FastBottle2neck(Bottle2neck):
     "`Bottle2neck` (same modules and keys, same outputs) whose forward runs on the fused, memory-lean path"
     def forward(self, x):
+        if is_fx_symbolic_tracing(): return super().forward(x)  # an FX graph records the plain block
         with _lean_saves(x, self.act, self.bn_1st):  # the splits and their sums are rebuilt in the backward pass
             out = _conv_act_norm(self.conv1, self.bn1, self.act, x, self.bn_1st)
             splits = _split(out, self.width)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from .kernels import _fast
 from .gpu import _gpu_kernels_ready
 
@@ -53,6 +54,7 @@ def _gpu_path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
 
 def _path(y:torch.Tensor, act:nn.Module, norm:nn.Module) -> str:
     "How `norm(act(y))` runs: 'compiled', 'aten', 'formula' (under torch.compile), 'triton' or 'reference'"
+    if is_fx_symbolic_tracing(): return 'reference'  # `y` is a Proxy: nothing about it is known yet
     if y.device.type == 'cuda': return _gpu_path(y, act, norm)
     if (_fast['path'] == 'reference' or _exporting() or not _is_plain(act, nn.Mish) or y.dim() != 4
         or _forward_ad()): return 'reference'

@@ -8,6 +8,7 @@ import functools, weakref
 from contextlib import nullcontext
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from .kernels import _fast
 from .dispatch import _exporting, _is_plain
 
@@ -131,8 +132,9 @@ def _outer_hooks() -> bool:
 def _lean_saves(x:torch.Tensor, act:nn.Module|None=None, bn_1st:bool=False):
     """While a training forward pass runs where the fused kernels do (Mish before BatchNorm): autograd keeps a recipe
     for each recomputable tensor instead of it"""
-    if (_fast['path'] == 'reference' or bn_1st or (act is not None and not _is_plain(act, nn.Mish))
-        or not torch.is_grad_enabled() or x.device.type != 'cpu' or x.dtype != torch.float32 or _exporting()
+    if (is_fx_symbolic_tracing() or _fast['path'] == 'reference' or bn_1st  # under FX, `x` is a Proxy: no device yet
+        or (act is not None and not _is_plain(act, nn.Mish)) or not torch.is_grad_enabled()
+        or x.device.type != 'cpu' or x.dtype != torch.float32 or _exporting()
         or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _outer_hooks()):
         return nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
