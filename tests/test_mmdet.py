@@ -374,15 +374,17 @@ def test_mmdet_test_cfg_settings(models):
 @pytest.mark.parametrize('layout', ['mask', 'htc'])
 def test_converted_detector_runs_end_to_end(layout, models, image):
     "The whole converted Mask R-CNN and HTC predict in eval mode with mmdetection's settings"
-    m = models[layout]
-    sizes, proposals = (m.transform.min_size, m.transform.max_size), m.rpn._post_nms_top_n['testing']
+    m, heads = models[layout], models[layout].roi_heads
+    saved = m.transform.min_size, m.transform.max_size, m.rpn._post_nms_top_n['testing'], heads.detections_per_img
     m.transform.min_size, m.transform.max_size = (IMAGE_SHAPE[0],), IMAGE_SHAPE[1]  # 800 × 1333 takes a minute
-    m.rpn._post_nms_top_n['testing'] = 100  # not 1000 RoIs through the heads (three stages: half a minute)
+    # not 1000 RoIs through three box stages, nor 100 detections through three mask heads: half a minute each
+    m.rpn._post_nms_top_n['testing'], heads.detections_per_img = 100, 5
     try:
         with torch.no_grad(): out = m([image[0].sigmoid()])[0]
-    finally: (m.transform.min_size, m.transform.max_size), m.rpn._post_nms_top_n['testing'] = sizes, proposals
+    finally:
+        m.transform.min_size, m.transform.max_size, m.rpn._post_nms_top_n['testing'], heads.detections_per_img = saved
     assert set(out) == {'boxes', 'labels', 'scores', 'masks'} and (out['scores'] > m.roi_heads.score_thresh).all()
-    assert len(out['scores']) > 0 and out['masks'].shape[-2:] == IMAGE_SHAPE
+    assert 0 < len(out['scores']) <= 5 and out['masks'].shape[-2:] == IMAGE_SHAPE
     assert ((out['labels'] >= 1) & (out['labels'] <= 80)).all()
 
 
