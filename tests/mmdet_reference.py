@@ -6,8 +6,10 @@ Written from open-mmlab/mmdetection 2.x: `backbones/res2net.py` (`Bottle2neck.fo
 `single_level_grid_priors`, `_meshgrid`), `dense_heads/rpn_head.py` (`_get_bboxes`: permute(1, 2, 0), sigmoid),
 `core/bbox/coder/delta_xywh_bbox_coder.py` (`delta2bbox`), `roi_extractors/single_level_roi_extractor.py`
 (`map_roi_levels`), `bbox_heads/convfc_bbox_head.py`, `mask_heads/fcn_mask_head.py`, `cascade_roi_head.py`
-(`simple_test`). mmcv's `RoIAlign(aligned=True, sampling_ratio=0)` is stood in for by torchvision's `roi_align` with the
-same arguments (both are Detectron2's RoIAlign; `aligned_roi_align` below re-derives one bin by hand to check it).
+(`simple_test`, `merge_aug_masks`), `mask_heads/htc_mask_head.py`, `mask_heads/fused_semantic_head.py`,
+`htc_roi_head.py` (`simple_test`, `_bbox_forward`: semantic RoI features, `adaptive_avg_pool2d` to 7 × 7).
+mmcv's `RoIAlign(aligned=True, sampling_ratio=0)` is stood in for by torchvision's `roi_align` with the same
+arguments (both are Detectron2's RoIAlign; `aligned_roi_align` below re-derives one bin by hand to check it).
 """
 from __future__ import annotations
 import math
@@ -154,21 +156,63 @@ def bbox_head(sd:dict, p:str, roi_feats) -> tuple:
             F.linear(x, sd[f'{p}.fc_reg.weight'], sd[f'{p}.fc_reg.bias']))
 
 
+def _conv_relu(sd:dict, p:str, x, padding:int=0):
+    "mmcv's `ConvModule` (conv + ReLU, no norm) at `p`"
+    return F.relu(F.conv2d(x, sd[f'{p}.conv.weight'], sd[f'{p}.conv.bias'], padding=padding))
+
+
+def htc_mask_head(sd:dict, p:str, roi_feats, res_feat=None) -> tuple:
+    "mmdetection's `HTCMaskHead.forward`: `res_feat` through `conv_res` (1×1 + ReLU) added; logits, conv features"
+    x = roi_feats if res_feat is None else roi_feats + _conv_relu(sd, f'{p}.conv_res', res_feat)
+    for i in range(4): x = _conv_relu(sd, f'{p}.convs.{i}', x, 1)
+    feat = x
+    x = F.relu(F.conv_transpose2d(x, sd[f'{p}.upsample.weight'], sd[f'{p}.upsample.bias'], stride=2))
+    return F.conv2d(x, sd[f'{p}.conv_logits.weight'], sd[f'{p}.conv_logits.bias']), feat
+
+
 def mask_head(sd:dict, p:str, roi_feats):
     "mmdetection's `FCNMaskHead`: 4 convs, deconv upsample, ReLU, per-class mask logits (no background)"
-    x = roi_feats
-    for i in range(4):
-        x = F.relu(F.conv2d(x, sd[f'{p}.convs.{i}.conv.weight'], sd[f'{p}.convs.{i}.conv.bias'], padding=1))
-    x = F.relu(F.conv_transpose2d(x, sd[f'{p}.upsample.weight'], sd[f'{p}.upsample.bias'], stride=2))
-    return F.conv2d(x, sd[f'{p}.conv_logits.weight'], sd[f'{p}.conv_logits.bias'])
+    return htc_mask_head(sd, p, roi_feats)[0]
+
+
+def stage_masks(sd:dict, mask_feats, labels, info_flow:bool=False, stages:int=3):
+    """mmdetection's Cascade Mask R-CNN / HTC test masks: every stage's head on the final boxes' RoI features (HTC:
+    each head fed the previous one's conv features, `info_flow`), the sigmoids averaged (`merge_aug_masks`), then
+    each box's class (`labels`: mmdetection's, 0…79): (N, 28, 28) probabilities"""
+    probs, last = [], None
+    for s in range(stages):
+        logits, feat = htc_mask_head(sd, f'roi_head.mask_head.{s}', mask_feats, last)
+        probs.append(logits.sigmoid())
+        last = feat if info_flow else None
+    return torch.stack(probs).mean(0)[torch.arange(len(labels)), labels]
+
+
+def fused_semantic_head(sd:dict, feats:list, fusion_level:int=1, p:str='roi_head.semantic_head') -> tuple:
+    "mmdetection's `FusedSemanticHead.forward` on the 5 FPN levels: semantic logits and the embedding (stride 8)"
+    x = _conv_relu(sd, f'{p}.lateral_convs.{fusion_level}', feats[fusion_level])
+    for i, f in enumerate(feats):
+        if i != fusion_level:
+            f = F.interpolate(f, size=x.shape[-2:], mode='bilinear', align_corners=True)
+            x = x + _conv_relu(sd, f'{p}.lateral_convs.{i}', f)
+    for i in range(4): x = _conv_relu(sd, f'{p}.convs.{i}', x, 1)
+    logits = F.conv2d(x, sd[f'{p}.conv_logits.weight'], sd[f'{p}.conv_logits.bias'])
+    return logits, _conv_relu(sd, f'{p}.conv_embedding', x)
+
+
+def semantic_roi_feats(semantic_feat, rois, output_size:int):
+    "HTC's `semantic_roi_extractor` (one level, stride 8, 14 × 14), average-pooled to `output_size` if it differs"
+    x = roi_extract([semantic_feat], rois, 14, strides=(8,))
+    return x if output_size == 14 else F.adaptive_avg_pool2d(x, output_size)
 
 
 def cascade(sd:dict, feats:list, rois, image_shape,
-            stds=((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))) -> tuple:
-    "mmdetection's `CascadeRoIHead.simple_test` boxes: final boxes and softmax of the stages' mean logits"
+            stds=((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067)), semantic_feat=None):
+    "mmdetection's `CascadeRoIHead.simple_test` boxes (HTC's with `semantic_feat`): final boxes, mean-logit softmax"
     logits = []
     for s, std in enumerate(stds):
-        cls, reg = bbox_head(sd, f'roi_head.bbox_head.{s}', roi_extract(feats, rois, 7))
+        x = roi_extract(feats, rois, 7)
+        if semantic_feat is not None: x = x + semantic_roi_feats(semantic_feat, rois, 7)
+        cls, reg = bbox_head(sd, f'roi_head.bbox_head.{s}', x)
         logits.append(cls)
         rois = delta2bbox(rois, reg, std, image_shape)  # class-agnostic: regress_by_class decodes the one box
     return rois, F.softmax(sum(logits) / len(logits), -1)

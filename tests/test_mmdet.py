@@ -4,13 +4,15 @@ How deep the verification goes. mmdetection's own modules cannot run here (they 
 wheel installs offline), and the published files cannot be downloaded. So:
 1. Layouts: `mmdet_layouts.py` writes the five files' keys and shapes from mmdetection's source (checked: the
    backbone has the 45.23 M - 2.05 M (classifier) parameters of Res2Net-101-v1b). The converter must map every key of
-   the Faster, Mask and Cascade R-CNN layouts onto today's detectors with nothing missing or left over, in 2.x and 3.x
-   files and bare state dicts. Cascade Mask R-CNN and HTC: every key must have a rule and a distinct target (their
-   per-stage heads are loaded once our detectors have them; until then that test skips, saying so).
+   the five layouts onto our `res2net101d` detectors (HTC with `semantic_classes=183`) with nothing missing or left
+   over (a strict load), in 2.x and 3.x files and bare state dicts.
 2. Values: `mmdet_reference.py` re-implements mmdetection's test-time forward from its source over the checkpoint's
    own (mmdetection-named) weights: the Res2Net backbone (with its layer1 quirk), FPN, anchors, RPN (sigmoid scores and
    decoded proposals, anchor by anchor), RoI extraction (level mapping, aligned adaptive RoIAlign), the Faster R-CNN box
-   head (scores and class-specific boxes), the mask head and the three cascade stages (refined boxes, averaged scores).
+   head (scores and class-specific boxes), the mask head, the three cascade stages (refined boxes, averaged scores),
+   Cascade Mask R-CNN's per-stage mask heads (sigmoids averaged on the final boxes) and HTC's stages with the semantic
+   branch (FusedSemanticHead, semantic RoI features added to the box and mask RoI features) and its mask heads
+   chained by the information flow (`conv_res`).
    Our converted detectors, after `mmdet_test_cfg`, must give the same numbers. mmcv's RoIAlign is stood in for by
    torchvision's `roi_align(aligned=True, sampling_ratio=0)`, itself checked bin by bin against mmcv's formula.
    Not covered: image resizing (OpenCV vs torch), mask pasting, the final NMS (torchvision's `batched_nms` in both).
@@ -18,12 +20,14 @@ wheel installs offline), and the published files cannot be downloaded. So:
    (+ yapf, addict, termcolor) unpacked from their wheels (`pip download --no-deps`, then unzip): its own modules, built
    from its own R2-101 configs, with `mmcv.ops` stubbed by torchvision's RoIAlign/NMS (`mmcv_ops_stub.py`). The five
    layouts must equal its models' state dicts key for key and shape for shape, and Faster, Mask and Cascade R-CNN must
-   give our converted detectors' detections (boxes, scores, labels). Run on 2026-12-07: all equal; scores to 4e-8,
+   give our converted detectors' detections (boxes, scores, labels); Cascade Mask R-CNN and HTC are in the test too
+   but were not run against mmdetection itself yet. Run on 2026-12-07 (three): all equal; scores to 4e-8,
    boxes to 6e-5 pixels on a 320 × 480 input (masks differ where pasted: mmdetection's `_do_paste_mask` vs
    torchvision's `paste_masks_in_image`).
 4. A real file: `R2P_MMDET_CHECKPOINT=/path/to/<one of the five>.pth` loads it (sha256 prefix checked) and runs it.
 """
 import os
+from functools import partial
 from pathlib import Path
 import pytest
 import torch
@@ -34,23 +38,25 @@ from torchvision.ops import roi_align, MultiScaleRoIAlign
 from res2netplus.detection.mmdet import *
 from res2netplus.detection.mmdet import _fit_report
 from res2netplus.detection import (fasterrcnn_res2net101d_fpn, maskrcnn_res2net101d_fpn, cascade_rcnn_res2net101d_fpn,
-                                   cascade_mask_rcnn_res2net101d_fpn, cascade_mask_rcnn_res2net_fpn)
+                                   cascade_mask_rcnn_res2net101d_fpn)
+from res2netplus.detection.htc import htc_res2net101d_fpn
 import mmdet_layouts as layouts
 import mmdet_reference as ref
 
 BUILDERS = {'faster': fasterrcnn_res2net101d_fpn, 'mask': maskrcnn_res2net101d_fpn,
-            'cascade': cascade_rcnn_res2net101d_fpn, 'cascade_mask': cascade_mask_rcnn_res2net101d_fpn}
+            'cascade': cascade_rcnn_res2net101d_fpn, 'cascade_mask': cascade_mask_rcnn_res2net101d_fpn,
+            'htc': partial(htc_res2net101d_fpn, semantic_classes=183)}  # mmdetection's HTC: COCO-stuff's 183
 IMAGE_SHAPE = (96, 160)  # not a multiple of 64: P6's stride is 64 in mmdetection, 96 // 2 = 48 in torchvision's anchors
 
 
 @pytest.fixture(scope='module')
 def checkpoints():
-    return {k: layouts.mmdet_checkpoint(k, seed=i) for i, k in enumerate(('faster', 'mask', 'cascade'))}
+    return {k: layouts.mmdet_checkpoint(k, seed=i) for i, k in enumerate(layouts.LAYOUTS)}
 
 
 @pytest.fixture(scope='module')
 def models(checkpoints):
-    "Faster, Mask and Cascade R-CNN on res2net101d with the synthetic checkpoints loaded, in eval mode"
+    "The five detectors on res2net101d with the synthetic checkpoints loaded (strictly), in eval mode"
     torch.manual_seed(0)
     return {k: load_mmdet_checkpoint(BUILDERS[k](num_classes=81), ckpt).eval() for k, ckpt in checkpoints.items()}
 
@@ -63,7 +69,7 @@ def test_layouts_are_res2net101_v1b():
     for layout in layouts.LAYOUTS: assert mmdet_layout(layouts.layout_shapes(layout)) == layout
 
 
-@pytest.mark.parametrize('layout', ['faster', 'mask', 'cascade'])
+@pytest.mark.parametrize('layout', layouts.LAYOUTS)
 def test_every_key_maps(layout, models, checkpoints):
     "Every mmdetection key has exactly one target, every parameter and buffer of ours gets one (load is strict)"
     sd, target = checkpoints[layout]['state_dict'], models[layout].state_dict()
@@ -143,28 +149,33 @@ def test_misfits_name_missing_unexpected_and_shapes(models, checkpoints):
 
 
 @pytest.mark.parametrize('layout', ['cascade_mask', 'htc'])
-def test_per_stage_layouts_have_a_rule_per_key(layout):
-    "Cascade Mask R-CNN and HTC: every key has a rule and its own target, the per-stage ones under PER_STAGE_TARGETS"
-    # no target yet: the BatchNorms' `num_batches_tracked` are dropped, as for a frozen BatchNorm
-    shapes = {k: v for k, v in layouts.layout_shapes(layout).items() if not k.endswith('num_batches_tracked')}
-    converted, unmapped = convert_mmdet_state_dict(shapes, layout, {})
-    assert unmapped == [] and len(converted) == len(shapes)
-    stage_keys = [k for k in shapes if k.startswith(('roi_head.mask_head', 'roi_head.semantic_head'))]
-    ours = {t.split('{')[0] for t in PER_STAGE_TARGETS.values()}
-    rules = convert_mmdet_state_dict({k: shapes[k] for k in stage_keys}, layout, {})[0]
-    assert len(rules) == len(stage_keys) and all(k.startswith(tuple(ours)) for k in rules)
-    for s in range(3): assert PER_STAGE_TARGETS['mask_head'].format(stage=s) + '.3.0.weight' in rules
-    if layout == 'htc': assert sum('conv_res' in k for k in rules) == 4  # stages 1 and 2: weight and bias
+def test_per_stage_values_land_where_they_belong(layout, models, checkpoints):
+    "Each stage's mask head (logits: zero background channel first), HTC's conv_res and semantic head"
+    sd, heads = checkpoints[layout]['state_dict'], models[layout].roi_heads
+    for s, head in enumerate(heads.mask_heads):
+        p = f'roi_head.mask_head.{s}'
+        assert torch.equal(head.convs[2].conv.weight, sd[f'{p}.convs.2.conv.weight'])
+        assert torch.equal(head.upsample.bias, sd[f'{p}.upsample.bias'])
+        assert not head.conv_logits.weight[0].any() and not head.conv_logits.bias[0]
+        assert torch.equal(head.conv_logits.weight[1:], sd[f'{p}.conv_logits.weight'])
+        if layout == 'htc' and s > 0: assert torch.equal(head.conv_res.conv.weight, sd[f'{p}.conv_res.conv.weight'])
+    assert (heads.mask_heads[0].conv_res is None) if layout == 'htc' else not hasattr(heads.mask_heads[0], 'conv_res')
+    if layout == 'htc':
+        sem = heads.semantic_head
+        assert torch.equal(sem.lateral_convs[4].conv.weight, sd['roi_head.semantic_head.lateral_convs.4.conv.weight'])
+        assert torch.equal(sem.conv_embedding.conv.bias, sd['roi_head.semantic_head.conv_embedding.conv.bias'])
+        assert torch.equal(sem.conv_logits.weight, sd['roi_head.semantic_head.conv_logits.weight'])  # 183, as is
 
 
-def test_per_stage_layouts_load():
-    "Cascade Mask R-CNN loads once our detector has a mask head per stage (issue 24 §2); HTC once it exists (§1)"
-    model = cascade_mask_rcnn_res2net_fpn('res2net50d', num_classes=81, layers=(1, 1, 1, 1))  # the names suffice
-    if not any(k.startswith(PER_STAGE_TARGETS['mask_head'].format(stage=0)) for k in model.state_dict()):
-        pytest.skip("our Cascade Mask R-CNN has one mask head (last stage), mmdetection's one per stage: adapt "
-                    "PER_STAGE_TARGETS once per-stage heads are merged")
-    ckpt = layouts.mmdet_checkpoint('cascade_mask')
-    load_mmdet_checkpoint(model, ckpt)
+def test_htc_without_semantic_branch_is_named(models, checkpoints):
+    "An HTC built without the semantic branch (semantic_classes=None) gets the error that names semantic_classes=183"
+    heads = models['htc'].roi_heads
+    semantic = heads.semantic_head
+    heads.semantic_head = None  # what htc_res2net101d_fpn(num_classes=81) builds, without a second R2-101
+    try:
+        with pytest.raises(ValueError, match=r'22 unexpected: roi_heads\.semantic_head.*semantic_classes=183'):
+            load_mmdet_checkpoint(models['htc'], checkpoints['htc'])
+    finally: heads.semantic_head = semantic
 
 
 # --- mmdetection's forward pass on the same weights ------------------------------------------------------------------
@@ -234,9 +245,10 @@ ROI_SHAPE = (640, 640)  # RoIs up to 600 pixels wide reach P5 (√area ≥ 448)
 
 @pytest.fixture(scope='module')
 def pyramid():
-    "Random P2–P5 features of a 640 × 640 image: the RoI heads' input, so that every pyramid level gets RoIs"
+    "Random P2–P5 features of a 640 × 640 image, and the RPN's P6: the RoI heads' input, every level gets RoIs"
     g = torch.Generator().manual_seed(5)
-    return {str(i): torch.randn(1, 256, 640 // 2**(i + 2), 640 // 2**(i + 2), generator=g) for i in range(4)}
+    feats = {str(i): torch.randn(1, 256, 640 // 2**(i + 2), 640 // 2**(i + 2), generator=g) for i in range(4)}
+    return {**feats, 'pool': torch.nn.functional.max_pool2d(feats['3'], 1, 2)}
 
 
 def _rois(n=60, seed=2):
@@ -263,14 +275,14 @@ def test_box_and_mask_heads_match_mmdetection(pyramid, models, checkpoints):
     sd, heads = checkpoints['mask']['state_dict'], models['mask'].roi_heads
     with torch.no_grad():
         pooled = heads.box_roi_pool(feats, [rois], [ROI_SHAPE])
-        theirs_pooled = ref.roi_extract(list(feats.values()), rois, 7)
+        theirs_pooled = ref.roi_extract(list(feats.values())[:4], rois, 7)
         _close(pooled, theirs_pooled)
         logits, deltas = heads.box_predictor(heads.box_head(pooled))
         cls, reg = ref.bbox_head(sd, 'roi_head.bbox_head', theirs_pooled)
         ours_boxes = heads.box_coder.decode(deltas, [rois]).view(len(rois), -1, 4)[:, 1:]
         theirs_boxes = ref.delta2bbox(rois.repeat_interleave(80, 0), reg.view(-1, 4), (0.1, 0.1, 0.2, 0.2))
         mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(feats, [rois], [ROI_SHAPE])))
-        theirs_masks = ref.mask_head(sd, 'roi_head.mask_head', ref.roi_extract(list(feats.values()), rois, 14))
+        theirs_masks = ref.mask_head(sd, 'roi_head.mask_head', ref.roi_extract(list(feats.values())[:4], rois, 14))
     probs, theirs_probs = logits.softmax(-1), cls.softmax(-1)
     _close(probs[:, 1:], theirs_probs[:, :80]); _close(probs[:, 0], theirs_probs[:, 80])
     _close(ours_boxes.reshape(-1, 4), theirs_boxes)
@@ -281,13 +293,54 @@ def test_box_and_mask_heads_match_mmdetection(pyramid, models, checkpoints):
                                   atol=1e-3)
 
 
+def _labels(n, seed):
+    return torch.randint(1, 81, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cascade_mask_heads_match_mmdetection(pyramid, models, checkpoints):
+    "Every stage's mask head on the final boxes, the sigmoids averaged, each box's class: mmdetection's masks"
+    heads, sd, rois = models['cascade_mask'].roi_heads, checkpoints['cascade_mask']['state_dict'], _rois(20, seed=6)
+    labels = _labels(len(rois), 7)
+    with torch.no_grad():
+        probs = heads.mask_probs(pyramid, [rois], [labels], [ROI_SHAPE])[0][:, 0]
+        pooled = ref.roi_extract(list(pyramid.values())[:4], rois, 14)
+        theirs = ref.stage_masks(sd, pooled, labels - 1)
+        last = ref.mask_head(sd, 'roi_head.mask_head.2', pooled).sigmoid()[torch.arange(len(rois)), labels - 1]
+    _close(probs, theirs)
+    assert probs.shape == (len(rois), 28, 28) and (theirs - last).abs().max() > 0.01  # the average is not one stage's
+
+
+def test_htc_matches_mmdetection(pyramid, models, checkpoints):
+    "HTC: semantic head, stages with semantic RoI features, chained mask heads (information flow) on the final boxes"
+    heads, sd, rois = models['htc'].roi_heads, checkpoints['htc']['state_dict'], _rois(20, seed=8)
+    labels, feats = _labels(len(rois), 9), list(pyramid.values())
+    with torch.no_grad():
+        semantic_logits, embedding = heads.semantic_head(feats)
+        theirs_logits, theirs_embedding = ref.fused_semantic_head(sd, feats)
+        features = {**pyramid, 'semantic': embedding}
+        boxes, stage_logits = heads.forward_stages_test(features, [rois], [ROI_SHAPE])
+        scores = heads.average_scores(stage_logits)
+        probs = heads.mask_probs(features, boxes, [labels], [ROI_SHAPE])[0][:, 0]
+        theirs_boxes, theirs_scores = ref.cascade(sd, feats[:4], rois, ROI_SHAPE, semantic_feat=theirs_embedding)
+        mask_feats = ref.roi_extract(feats[:4], theirs_boxes, 14) + ref.semantic_roi_feats(theirs_embedding,
+                                                                                            theirs_boxes, 14)
+        theirs_probs = ref.stage_masks(sd, mask_feats, labels - 1, info_flow=True)
+        no_flow = ref.stage_masks(sd, mask_feats, labels - 1, info_flow=False)
+    _close(semantic_logits, theirs_logits); _close(embedding, theirs_embedding)
+    assert semantic_logits.shape == (1, 183, 80, 80)  # stride 8
+    _close(boxes[0], theirs_boxes, 1e-3)
+    _close(scores[:, 1:], theirs_scores[:, :80]); _close(scores[:, 0], theirs_scores[:, 80])
+    _close(probs, theirs_probs, 1e-3)
+    assert not torch.allclose(probs, no_flow, atol=1e-4)  # without the information flow the masks differ
+
+
 def test_cascade_matches_mmdetection(pyramid, models, checkpoints):
     m, rois = models['cascade'], _rois(seed=4)
     with torch.no_grad():
         boxes, stage_logits = m.roi_heads.forward_stages_test(pyramid, [rois], [ROI_SHAPE])
         scores = m.roi_heads.average_scores(stage_logits)
-        theirs_boxes, theirs_scores = ref.cascade(checkpoints['cascade']['state_dict'], list(pyramid.values()), rois,
-                                                  ROI_SHAPE)
+        theirs_boxes, theirs_scores = ref.cascade(checkpoints['cascade']['state_dict'], list(pyramid.values())[:4],
+                                                  rois, ROI_SHAPE)
     _close(boxes[0], theirs_boxes, 1e-3)
     _close(scores[:, 1:], theirs_scores[:, :80]); _close(scores[:, 0], theirs_scores[:, 80])
     assert (boxes[0] - rois).abs().max() > 0.5  # the stages moved the boxes
@@ -298,29 +351,40 @@ def test_cascade_matches_mmdetection(pyramid, models, checkpoints):
 
 def test_mmdet_test_cfg_settings(models):
     for k, m in models.items():
+        thresh = 0.001 if k == 'htc' else 0.05
         assert m.mmdet_inference and m.backbone.body.layer1[0].pool is None
         assert isinstance(m.rpn.anchor_generator, MMDetAnchorGenerator)
         assert isinstance(m.roi_heads.box_roi_pool, MMDetRoIAlign) and m.roi_heads.box_roi_pool.aligned
         assert m.roi_heads.box_roi_pool.sampling_ratio == 0
-        assert (m.roi_heads.score_thresh, m.roi_heads.nms_thresh, m.roi_heads.detections_per_img) == (0.05, 0.5, 100)
+        assert (m.roi_heads.score_thresh, m.roi_heads.nms_thresh, m.roi_heads.detections_per_img) == (thresh, .5, 100)
         assert (m.rpn._pre_nms_top_n['testing'], m.rpn._post_nms_top_n['testing'], m.rpn.nms_thresh) == (1000, 1000, .7)
-    assert isinstance(models['mask'].roi_heads.mask_roi_pool, MMDetRoIAlign)
+    for k in ('mask', 'cascade_mask', 'htc'): assert isinstance(models[k].roi_heads.mask_roi_pool, MMDetRoIAlign)
+    semantic_pool = models['htc'].roi_heads.semantic_roi_pool
+    assert isinstance(semantic_pool, MMDetRoIAlign) and semantic_pool.featmap_names == ['semantic']
+    assert semantic_pool.output_size == (14, 14) and semantic_pool.sampling_ratio == 0 and semantic_pool.aligned
+    assert mmdet_test_cfg(models['htc']).roi_heads.score_thresh == 0.001  # an HTC is recognised without being told
     assert models['faster'].roi_heads.box_coder.weights == (10., 10., 5., 5.)
-    weights = [s.box_coder.weights for s in models['cascade'].roi_heads.stages]
-    assert [round(w[0], 1) for w in weights] == [10., 20., 30.3]
-    assert models['cascade'].roi_heads.score_average == 'logits'
+    for k in ('cascade', 'cascade_mask', 'htc'):
+        weights = [s.box_coder.weights for s in models[k].roi_heads.stages]
+        assert [round(w[0], 1) for w in weights] == [10., 20., 30.3]
+        assert models[k].roi_heads.score_average == 'logits'
     with pytest.raises(ValueError, match='R-CNN detectors'): mmdet_test_cfg(torch.nn.Linear(1, 1))
 
 
-def test_converted_detector_runs_end_to_end(models, image):
-    "The whole converted Mask R-CNN predicts in eval mode with mmdetection's settings"
-    m = models['mask']
-    sizes = m.transform.min_size, m.transform.max_size
+@pytest.mark.parametrize('layout', ['mask', 'htc'])
+def test_converted_detector_runs_end_to_end(layout, models, image):
+    "The whole converted Mask R-CNN and HTC predict in eval mode with mmdetection's settings"
+    m, heads = models[layout], models[layout].roi_heads
+    saved = m.transform.min_size, m.transform.max_size, m.rpn._post_nms_top_n['testing'], heads.detections_per_img
     m.transform.min_size, m.transform.max_size = (IMAGE_SHAPE[0],), IMAGE_SHAPE[1]  # 800 × 1333 takes a minute
+    # not 1000 RoIs through three box stages, nor 100 detections through three mask heads: half a minute each
+    m.rpn._post_nms_top_n['testing'], heads.detections_per_img = 100, 5
     try:
         with torch.no_grad(): out = m([image[0].sigmoid()])[0]
-    finally: m.transform.min_size, m.transform.max_size = sizes
-    assert set(out) == {'boxes', 'labels', 'scores', 'masks'} and (out['scores'] > 0.05).all()
+    finally:
+        m.transform.min_size, m.transform.max_size, m.rpn._post_nms_top_n['testing'], heads.detections_per_img = saved
+    assert set(out) == {'boxes', 'labels', 'scores', 'masks'} and (out['scores'] > m.roi_heads.score_thresh).all()
+    assert 0 < len(out['scores']) <= 5 and out['masks'].shape[-2:] == IMAGE_SHAPE
     assert ((out['labels'] >= 1) & (out['labels'] <= 80)).all()
 
 
@@ -329,7 +393,6 @@ def test_converted_detector_runs_end_to_end(models, image):
 def test_real_checkpoint():
     path = Path(os.environ['R2P_MMDET_CHECKPOINT'])
     layout = MMDET_CHECKPOINTS.get(path.name) or mmdet_layout(mmdet_state_dict(torch.load(path, map_location='cpu')))
-    if layout not in BUILDERS: pytest.skip(f"{layout} has no detector here yet (HTC: issue 24 §1)")
     model = load_mmdet_checkpoint(BUILDERS[layout](num_classes=81), path).eval()
     image = torch.zeros(3, 480, 640)
     image[:, 100:380, 200:440] = torch.tensor([0.8, 0.1, 0.1])[:, None, None]
@@ -360,7 +423,6 @@ def test_against_mmdetection_itself(layout):
     cfg.model.backbone.init_cfg = None
     theirs = MODELS.build(cfg.model).eval()
     assert {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == layouts.layout_shapes(layout)
-    if layout not in ('faster', 'mask', 'cascade'): pytest.skip(f"no detector of ours for {layout} yet")
     ckpt = layouts.mmdet_checkpoint(layout, seed=7)
     theirs.load_state_dict(ckpt['state_dict'], strict=True)
     ours = load_mmdet_checkpoint(BUILDERS[layout](num_classes=81), ckpt).eval()

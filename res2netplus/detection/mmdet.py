@@ -14,12 +14,13 @@ from torchvision.ops.poolers import _filter_input, _setup_scales, _convert_to_ro
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from .cascade import CASCADE_STDS, stds_to_weights
+from .htc import HybridTaskCascadeRoIHeads
 
 # %% auto #0
 __all__ = ['MMDET_CHECKPOINTS', 'MMDET_COCO_CLASSES', 'BACKBONE_RULES', 'PER_STAGE_TARGETS', 'MMDET_RULES', 'MMDET_TEST_CFG',
-           'box_head_rules', 'mask_head_rules', 'mmdet_layout', 'check_sha256_prefix', 'mmdet_state_dict',
-           'convert_mmdet_state_dict', 'MMDetAnchorGenerator', 'MMDetRoIAlign', 'mmdet_test_cfg',
-           'load_mmdet_checkpoint']
+           'box_head_rules', 'mask_head_rules', 'fcn_mask_head_rules', 'semantic_head_rules', 'mmdet_layout',
+           'check_sha256_prefix', 'mmdet_state_dict', 'convert_mmdet_state_dict', 'MMDetAnchorGenerator',
+           'MMDetRoIAlign', 'mmdet_test_cfg', 'load_mmdet_checkpoint']
 
 # %% ../../nbs/07m_detection.mmdet.ipynb #466553cb
 MMDET_CHECKPOINTS = {
@@ -61,24 +62,27 @@ def mask_head_rules(src:str, head:str, predictor:str) -> list:
             (rf'{re.escape(src)}\.conv_logits\.(\w+)', predictor + '.mask_fcn_logits.{0}', 'background_zero')]
 
 # %% ../../nbs/07m_detection.mmdet.ipynb #4ddcfdd2
-PER_STAGE_TARGETS = dict(
-    mask_head='roi_heads.mask_heads.{stage}', mask_predictor='roi_heads.mask_predictors.{stage}',
-    conv_res='roi_heads.mask_heads.{stage}.conv_res', semantic='roi_heads.semantic_head')
+PER_STAGE_TARGETS = dict(mask_head='roi_heads.mask_heads.{stage}', semantic='roi_heads.semantic_head')
+
+def fcn_mask_head_rules(src:str, dst:str, conv_res:bool=False) -> list:
+    "Rules of one `FCNMaskHead` (`HTCMaskHead` with `conv_res`) at mmdetection's `src` onto ours at `dst`: same names"
+    s = re.escape(src)
+    rules = [(rf'{s}\.convs\.(\d)\.conv\.(\w+)', dst + '.convs.{0}.conv.{1}', None),
+             (rf'{s}\.upsample\.(\w+)', dst + '.upsample.{0}', None),
+             (rf'{s}\.conv_logits\.(\w+)', dst + '.conv_logits.{0}', 'background_zero')]
+    return rules + ([(rf'{s}\.conv_res\.conv\.(\w+)', dst + '.conv_res.conv.{0}', None)] if conv_res else [])
+
+def semantic_head_rules(src:str, dst:str) -> list:
+    "Rules of HTC's `FusedSemanticHead` at `src` onto ours at `dst`: same names, the 183 stuff logits as they are"
+    s = re.escape(src)
+    return [(rf'{s}\.(lateral_convs\.\d|convs\.\d|conv_embedding)\.conv\.(\w+)', dst + '.{0}.conv.{1}', None),
+            (rf'{s}\.conv_logits\.(\w+)', dst + '.conv_logits.{0}', None)]
 
 def _per_stage_mask_rules(htc:bool, stages:int=3) -> list:
-    t, rules = PER_STAGE_TARGETS, []
-    for s in range(stages):
-        rules += mask_head_rules(f'roi_head.mask_head.{s}', t['mask_head'].format(stage=s),
-                                 t['mask_predictor'].format(stage=s))
-        if htc and s > 0:  # mmdetection's first HTC mask head has no conv_res (`with_conv_res=False`)
-            rules.append((rf'roi_head\.mask_head\.{s}\.conv_res\.conv\.(\w+)',
-                          t['conv_res'].format(stage=s) + '.{0}', None))
-    if htc:
-        rules += [(rf'roi_head\.semantic_head\.{n}\.(\d)\.conv\.(\w+)', t['semantic'] + f'.{n}.{{0}}.{{1}}', None)
-                  for n in ('lateral_convs', 'convs')]
-        rules += [(r'roi_head\.semantic_head\.conv_embedding\.conv\.(\w+)', t['semantic'] + '.conv_embedding.{0}',
-                   None), (r'roi_head\.semantic_head\.conv_logits\.(\w+)', t['semantic'] + '.conv_logits.{0}', None)]
-    return rules
+    # mmdetection's first HTC mask head has no conv_res (`with_conv_res=False`)
+    rules = [r for s in range(stages) for r in fcn_mask_head_rules(
+        f'roi_head.mask_head.{s}', PER_STAGE_TARGETS['mask_head'].format(stage=s), conv_res=htc and s > 0)]
+    return rules + (semantic_head_rules('roi_head.semantic_head', PER_STAGE_TARGETS['semantic']) if htc else [])
 
 _CASCADE = [r for s in range(3) for r in box_head_rules(f'roi_head.bbox_head.{s}', f'roi_heads.stages.{s}.box_head')]
 MMDET_RULES = {
@@ -205,7 +209,7 @@ MMDET_TEST_CFG = dict(rpn_pre_nms_top_n=1000, rpn_post_nms_top_n=1000, rpn_nms_t
 
 def _mmdet_pools(model:nn.Module) -> None:
     heads = model.roi_heads
-    for name in ('box_roi_pool', 'mask_roi_pool'):
+    for name in ('box_roi_pool', 'mask_roi_pool', 'semantic_roi_pool'):  # HTC's: one level, stride 8
         pool = getattr(heads, name, None)
         if isinstance(pool, MultiScaleRoIAlign) and not isinstance(pool, MMDetRoIAlign):
             setattr(heads, name, MMDetRoIAlign(pool.featmap_names, pool.output_size))
@@ -228,7 +232,7 @@ def mmdet_test_cfg(model:nn.Module, htc:bool|None=None) -> nn.Module:
     rpn._pre_nms_top_n['testing'], rpn._post_nms_top_n['testing'] = cfg['rpn_pre_nms_top_n'], cfg['rpn_post_nms_top_n']
     rpn.nms_thresh = cfg['rpn_nms_thresh']
     heads = model.roi_heads
-    htc = type(heads).__name__.startswith('HTC') if htc is None else htc
+    htc = isinstance(heads, HybridTaskCascadeRoIHeads) if htc is None else htc
     heads.score_thresh = cfg['htc_score_thresh'] if htc else cfg['score_thresh']
     heads.nms_thresh, heads.detections_per_img = cfg['nms_thresh'], cfg['detections_per_img']
     if hasattr(heads, 'stages'):
@@ -252,9 +256,10 @@ def _fit_report(converted:dict, unmapped:list, target:dict, layout:str) -> str:
 def load_mmdet_checkpoint(model:nn.Module, checkpoint, layout:str|None=None, mmdet_inference:bool=True,
                           weights_only:bool=True) -> nn.Module:
     """Load an mmdetection checkpoint (a path, a loaded file or a state dict) of one of the five R2-101-FPN detectors
-    into `model`, ours with `num_classes=81`; `mmdet_inference` then applies `mmdet_test_cfg`. Verified on synthetic
-    files of the exact layouts against mmdetection's forward pass, re-implemented and (mmcv.ops stubbed) its own (see
-    "How far this is verified"); a file named `…-<sha256 prefix>.pth` is checked against its name."""
+    into `model`, ours with `num_classes=81` (HTC: and `semantic_classes=183`); `mmdet_inference` then applies
+    `mmdet_test_cfg`. Verified on synthetic files of the exact layouts against mmdetection's forward pass,
+    re-implemented and (mmcv.ops stubbed) its own (see "How far this is verified"); a file named
+    `…-<sha256 prefix>.pth` is checked against its name."""
     if isinstance(checkpoint, (str, Path)):
         check_sha256_prefix(checkpoint)
         try: checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=weights_only)
@@ -269,6 +274,7 @@ def load_mmdet_checkpoint(model:nn.Module, checkpoint, layout:str|None=None, mmd
     report = _fit_report(converted, unmapped, target, layout)
     if report:
         raise ValueError(f"The mmdetection '{layout}' checkpoint does not fit this {type(model).__name__} ({report}): "
-                         f"build the matching detector on res2net101d with num_classes=81.")
+                         f"build the matching detector on res2net101d with num_classes=81"
+                         f"{' and semantic_classes=183' if layout == 'htc' else ''}.")
     model.load_state_dict(converted)
     return mmdet_test_cfg(model, htc=layout == 'htc') if mmdet_inference else model
