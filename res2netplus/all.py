@@ -12,3 +12,4 @@ from res2netplus.detection import *
 from res2netplus.deploy import *
 from res2netplus.distributed import *
 from res2netplus.hub import save_pretrained, push_to_hub, from_pretrained
+from res2netplus.timm_api import *
