@@ -266,7 +266,7 @@ def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|No
                             precision:str|None='auto', channels_last:bool|None=None, weights=None, n_out:int|None=None,
                             n_in:int=3, normalize:bool=True, compile:bool=False, init_prior='auto',
                             **kwargs) -> Learner:
-    "A segmentation Learner: Res2Net body, `head` (its classifier starting at the class frequencies), the recipe with Adam"
+    "A segmentation Learner: Res2Net body, `head` (classifier bias at the class frequencies), the recipe with Adam"
     if compile: check_compilable(head)
     learner_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEARNER_ARGS}
     n_out = n_out or get_c(dls)
