@@ -22,14 +22,14 @@ from fastai.vision.learner import create_body, model_meta, _add_norm, _default_m
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
 from .models import resolve_arch, res2net_factory, create_res2net_from_arch
-from .learner import RECIPE, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
+from .learner import RECIPE, SHORT_RECIPE, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
 from .distributed import ProcessShare
 
 # %% auto #0
-__all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'SEG_OPT_FUNC', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead',
-           'FPNSegmentation', 'DeepLabV3PlusHead', 'DeepLabV3Plus', 'SegmentationLoss', 'ConfusionMetric', 'MeanIoU',
-           'MeanDice', 'create_seg_model', 'res2net_seg_split', 'seg_classifier', 'class_frequencies',
-           'init_class_prior', 'check_compilable', 'res2netplus_seg_learner']
+__all__ = ['SEG_HEADS', 'DEFAULT_OUTPUT_STRIDE', 'stage_info', 'Res2NetSegmenter', 'FPNSemanticHead', 'FPNSegmentation',
+           'DeepLabV3PlusHead', 'DeepLabV3Plus', 'SegmentationLoss', 'ConfusionMetric', 'MeanIoU', 'MeanDice',
+           'create_seg_model', 'res2net_seg_split', 'seg_classifier', 'class_frequencies', 'init_class_prior',
+           'check_compilable', 'res2netplus_seg_learner']
 
 # %% ../nbs/06_segmentation.ipynb #786ef9d8
 def stage_info(body:nn.Sequential, n_in:int|None=None, size:int=64):
@@ -254,7 +254,6 @@ def init_class_prior(model:nn.Module, prior) -> nn.Module:
 
 # %% ../nbs/06_segmentation.ipynb #ff0a064d
 _LEARNER_ARGS = set(inspect.signature(Learner).parameters) - {'dls', 'model'}
-SEG_OPT_FUNC = Adam  # not the recipe's ranger: it barely moves in the few dozen steps of a small segmentation set
 
 def check_compilable(head:str):
     "Raise `compile_learner`'s error, before any work, for a head that cannot compile: fastai's U-Net"
@@ -266,7 +265,7 @@ def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|No
                             precision:str|None='auto', channels_last:bool|None=None, weights=None, n_out:int|None=None,
                             n_in:int=3, normalize:bool=True, compile:bool=False, init_prior='auto',
                             **kwargs) -> Learner:
-    "A segmentation Learner: Res2Net body, `head` (classifier bias at the class frequencies), the recipe with Adam"
+    "A segmentation Learner: Res2Net body, `head` (classifier bias at the class frequencies), the recipe"
     if compile: check_compilable(head)
     learner_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _LEARNER_ARGS}
     n_out = n_out or get_c(dls)
@@ -282,8 +281,9 @@ def res2netplus_seg_learner(dls, arch=res2netplus50, head:str='unet', mix:str|No
         init_class_prior(model, class_frequencies(dls, n_out, ignore_index) if init_prior == 'auto' else init_prior)
     metrics = [MeanDice(ignore_index), MeanIoU(ignore_index)] if metrics is None else metrics
     learn = Learner(dls, model, loss_func=loss_func or SegmentationLoss(ignore_index, dice_weight),
-                    opt_func=opt_func or SEG_OPT_FUNC, metrics=metrics,
+                    opt_func=opt_func or SHORT_RECIPE['opt_func'], metrics=metrics,
                     cbs=_with_mixer(cbs, mix), splitter=res2net_seg_split, **learner_kw)
+    learn.recipe_auto = dict(mix=False, opt=opt_func is None)  # fit_recipe fits the optimizer to the run
     if pretrained: learn.freeze()
     learn.arch, learn.head, learn.output_stride = arch, head, output_stride or DEFAULT_OUTPUT_STRIDE[head]
     # not channels_last on a CPU: a U-Net step ran 6 % slower there
