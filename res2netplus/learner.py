@@ -175,6 +175,9 @@ def read_checkpoint(path) -> dict:
 @patch
 def load_run_checkpoint(self:Learner, ckpt:dict) -> tuple:
     "Load the model and optimizer state of a `RunCheckpoint` (`read_checkpoint`); return the (phase, epoch) to resume"
+    # the optimizer the run was planned with (Adam for a short run), not the one a learner built without epochs holds
+    planned = ckpt.get('recipe_epochs')
+    if planned and getattr(self, 'recipe_auto', {}).get('opt'): self.plan_recipe(planned)
     if self.opt is None: self.create_opt()
     self.model.load_state_dict(ckpt['model'])
     opt = {**ckpt['opt'], 'hypers': L(ckpt['opt']['hypers'])}  # saved as lists: fastai keeps them in `L`s
@@ -192,7 +195,8 @@ class RunCheckpoint(Callback):
         if _skipping(self.learn) or rank_distrib(): return  # rank 0 writes
         best = next(((cb.best, cb.best_epoch) for cb in self.learn.cbs if isinstance(cb, SaveBestWeights)), None)
         state = dict(model=_bare(self.learn.model).state_dict(), opt=_plain(self.learn.opt.state_dict()),
-                     phase=self.phase, epoch=self.epoch, n_epoch=self.n_epoch, best=_plain(best), **_plain(self.info))
+                     phase=self.phase, epoch=self.epoch, n_epoch=self.n_epoch, best=_plain(best),
+                     recipe_epochs=getattr(self.learn, 'recipe', {}).get('epochs'), **_plain(self.info))
         path = self.path/self.fname
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + '.part')
