@@ -2,7 +2,8 @@
 package does not ship, dilated where they ask, and one of them trained in a fastai Learner with the package's
 albumentations bridge and mask-aware CutMix"""
 import pytest, torch
-from fastai.vision.all import DataBlock, ImageBlock, MaskBlock, RandomSplitter, Resize, Learner, Adam, Callback
+from fastai.vision.all import (DataBlock, ImageBlock, MaskBlock, RandomSplitter, Resize, Learner, Adam, Callback,
+                               set_seed)
 import res2netplus  # registers res2netplus50 with timm
 from res2netplus.data import make_shapes, read_codes, image_files, MaskFromImage
 from res2netplus.augment import AlbumentationsTransform, res2netplus_augs, CutMix
@@ -36,6 +37,7 @@ class _PastedMasks(Callback):
         if self.training and cutmix.lam is not None: self.pasted += int((cutmix.lam < 1).sum())
 
 def test_smp_fpn_trains_in_a_fastai_learner_with_albumentations_and_cutmix(tmp_path):
+    set_seed(0)
     path = make_shapes(tmp_path/'shapes', n_images=15, size=64, seed=0)
     codes = read_codes(path/'codes.txt')
     dls = DataBlock(blocks=(ImageBlock, MaskBlock(codes)), get_items=image_files,
@@ -47,9 +49,9 @@ def test_smp_fpn_trains_in_a_fastai_learner_with_albumentations_and_cutmix(tmp_p
     pasted = _PastedMasks()
     learn = Learner(dls, model, loss_func=SegmentationLoss(ignore_index=255), opt_func=Adam,
                     metrics=MeanIoU(255), cbs=[CutMix(), pasted])
-    learn.fit(3, 3e-3)
+    learn.fit_one_cycle(8, 3e-3)
     losses = [float(l) for l in learn.recorder.losses]
-    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses  # measured: 2.9 to 1.7
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses  # 24 one-cycle steps: a fifth lower
     assert pasted.pasted > 0
     pred = learn.predict(dls.valid_ds.items[0])[0]
     assert pred.shape == (64, 64)
