@@ -14,10 +14,10 @@ from PIL import Image
 if TYPE_CHECKING: import pandas as pd  # imported where used: reading a CSV is rare
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'SHAPES_CODES', 'SHAPES_COLOURS',
-           'default_cache_dir', 'fashion_mnist_sample', 'read_idx', 'load_fashion_mnist', 'fashion_mnist_subset',
-           'check_image_folder', 'check_image_csv', 'make_shapes', 'MaskFromImage', 'image_files', 'read_codes',
-           'check_segmentation_folder', 'read_valid_stems']
+__all__ = ['IMAGE_EXTENSIONS', 'BUNDLED_FASHION_MNIST', 'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'SHAPES_CODES',
+           'SHAPES_COLOURS', 'default_cache_dir', 'fashion_mnist_sample', 'read_idx', 'load_fashion_mnist',
+           'fashion_mnist_subset', 'check_image_folder', 'check_image_csv', 'make_shapes', 'MaskFromImage',
+           'image_files', 'read_codes', 'check_segmentation_folder', 'read_valid_stems']
 
 # %% ../nbs/03_data.ipynb #a59fb241
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif'}
@@ -49,13 +49,23 @@ def _write_tree(dest:Path, classes:list, splits:dict, params:dict) -> Path:
             Image.fromarray(img).save(d/f'{i:05d}.png')
     return _mark_made(dest, params)
 
-def fashion_mnist_sample(dest=None) -> Path:
-    "Write the bundled Fashion-MNIST subset as `dest/{train,valid}/<class>/*.png` (once) and return `dest`"
-    dest = Path(dest).expanduser() if dest is not None else default_cache_dir()/'fashion_mnist_2500'
-    if _made(dest, {}): return dest
-    data = np.load(files('res2netplus')/'data'/'fashion_mnist_2500.npz')
+BUNDLED_FASHION_MNIST = dict(n_train=10_000, n_valid=1_000)
+
+def fashion_mnist_sample(dest=None, n_train:int=2_000, n_valid:int=500) -> Path:
+    "Write `n_train` + `n_valid` bundled Fashion-MNIST images, class-balanced, as `dest/{train,valid}/<class>/*.png`"
+    most = BUNDLED_FASHION_MNIST
+    if not (0 < n_train <= most['n_train'] and 0 < n_valid <= most['n_valid'] and n_train % 10 == n_valid % 10 == 0):
+        raise ValueError(f"The package ships {most['n_train']:,} training and {most['n_valid']:,} validation images, "
+                         f"100 per class at least: n_train and n_valid must be multiples of 10 up to those, got "
+                         f"{n_train} and {n_valid}. For more, use fashion_mnist_subset (the Debian package).")
+    params = dict(n_train=n_train, n_valid=n_valid)
+    dest = Path(dest).expanduser() if dest is not None else default_cache_dir()/f'fashion_mnist_{n_train}_{n_valid}'
+    if _made(dest, params): return dest
+    data = np.load(files('res2netplus')/'data'/'fashion_mnist_11000.npz')
+    def first(labels, n): return np.sort(np.concatenate([np.flatnonzero(labels == c)[:n//10] for c in range(10)]))
+    picked = {s: first(data[f'{s}_labels'], n) for s, n in (('train', n_train), ('valid', n_valid))}
     return _write_tree(dest, [str(c) for c in data['classes']],
-                       {s: (data[f'{s}_images'], data[f'{s}_labels']) for s in ('train', 'valid')}, {})
+                       {s: (data[f'{s}_images'][i], data[f'{s}_labels'][i]) for s, i in picked.items()}, params)
 
 # %% ../nbs/03_data.ipynb #110ba1e2
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')

@@ -11,7 +11,8 @@ from fastai.vision.all import (ImageDataLoaders, DataBlock, ImageBlock, MaskBloc
 from .models import Res2Net, variant_row, res2net_factory
 from .augment import AlbumentationsTransform, res2netplus_augs, mix_callback
 from .data import (check_image_folder, check_image_csv, check_segmentation_folder, read_valid_stems,
-                              image_files, MaskFromImage, fashion_mnist_sample, make_shapes, default_cache_dir)
+                              image_files, MaskFromImage, fashion_mnist_sample, BUNDLED_FASHION_MNIST, make_shapes,
+                              default_cache_dir)
 from .learner import res2netplus_learner, budget_recipe
 from .segmentation import res2netplus_seg_learner, SEG_HEADS, check_compilable
 from .detection.train import DETECT, INSTANCE, train_detection
@@ -85,7 +86,7 @@ def _classify_summary(learn, s, classes:list, m:dict) -> dict:
 
 CLASSIFY = RunTask(
     'classify', check=_check_classify,
-    data=lambda s: Path(s.data).expanduser() if s.data else fashion_mnist_sample(),
+    data=lambda s: Path(s.data).expanduser() if s.data else fashion_mnist_sample(**BUNDLED_FASHION_MNIST),
     dataloaders=image_dataloaders,
     learner=lambda dls, s, **kw: res2netplus_learner(dls, s.arch, **{**_recipe_kw(s), 'mix': s.mix}, epochs=s.epochs,
                                                      **kw),
