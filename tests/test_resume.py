@@ -134,3 +134,4 @@ def test_htc_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     assert epochs_logged(cut/'metrics.csv') == epochs_logged(whole/'metrics.csv') == [0, 1]
     mc = json.loads((cut/'metrics.json').read_text())
     assert mw['detector'] == mc['detector'] == 'htc' and (mw['box'], mw['mask']) == (mc['box'], mc['mask'])
+    assert mw['lr'] == mc['lr'] == 0.02 * 2 / 16  # no --lr: mmdetection's 0.02 per 16 images, for batches of 2
