@@ -9,6 +9,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 from fastai.learner import load_learner
+from fastai.torch_core import num_distrib
 from ..data import default_cache_dir
 from ..models import res2net_factory
 from ..runs import RunTask, run_task, one_cycle_fit
@@ -17,10 +18,11 @@ from .data import detection_dataloaders_from_folder
 from .shapes import make_detection_shapes
 from .rcnn import DETECTORS
 from .evaluate import coco_evaluate, _rle
-from .learner import DetectionLearner, detector_factory, res2netplus_det_learner, _to_image
+from .learner import DetectionLearner, detector_factory, detection_lr, _to_image
+from .learner import res2netplus_det_learner
 
 # %% auto #0
-__all__ = ['DETECTION_SHAPES', 'DETECT', 'INSTANCE', 'detection_lr', 'train_detection', 'predict_detection']
+__all__ = ['DETECTION_SHAPES', 'DETECT', 'INSTANCE', 'train_detection', 'predict_detection']
 
 # %% ../../nbs/07j_detection.train.ipynb #63a3ef81
 DETECTION_SHAPES = dict(n_images=64, size=128)  # what `train_detection` trains on without data
@@ -66,11 +68,6 @@ DETECT = RunTask('detect', check=_check_detection, data=_detection_shapes, datal
 INSTANCE = replace(DETECT, name='instance')
 
 # %% ../../nbs/07j_detection.train.ipynb #5c2fe2a0
-def detection_lr(batch:int) -> float:
-    """mmdetection's rate for a global `batch` of images: 0.02 for 16, scaled linearly. 0.02 at 4 images makes Mask
-    R-CNN and its cascade diverge (NaN) from a random backbone within 16 steps, and 0.005 does not"""
-    return 0.02 * batch / 16
-
 def train_detection(data=None, out='runs/detection', task:str='detect', arch:str='res2netplus50', size:int=512,
                     bs:int=4, epochs:int=12, lr:float|None=None, pretrained:bool=False, weights=None, seed:int=42,
                     workers:int|None=None, valid_pct:float=0.2, augs='default', detector:str='rcnn', sync_bn:bool=False,
