@@ -93,10 +93,22 @@ def run(name:str, root:Path, args, backbone_state:dict|None) -> tuple:
 
 def fmt(v): return '–' if v is None or v != v else f'{100 * v:.1f}'
 
+def mean(values:list):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
 def table(rows:list) -> str:
-    lines = ['| detector | steps | wall s | box AP | box AP50 | mask AP | mask AP50 |', '|---|---|---|---|---|---|---|']
-    lines += [f"| {r['detector']} | {r['steps']} | {r['wall_s']:.0f} | {fmt(r['box_AP'])} | {fmt(r['box_AP50'])} | "
-              f"{fmt(r['mask_AP'])} | {fmt(r['mask_AP50'])} |" for r in rows]
+    "One line per detector: AP in % of each seed (seed 0 / seed 1 / …) and their mean; wall s is the mean"
+    order = [k for k in DETECTORS if any(r['key'] == k for r in rows)]
+    lines = ['| detector | steps | seeds | wall s | box AP | box AP50 | mask AP | mask AP50 |',
+             '|---|---|---|---|---|---|---|---|']
+    for key in order:
+        rs = sorted((r for r in rows if r['key'] == key), key=lambda r: r['seed'])
+        def cell(name):
+            if len(rs) == 1: return fmt(rs[0][name])
+            return ' / '.join(fmt(r[name]) for r in rs) + f" (mean {fmt(mean([r[name] for r in rs]))})"
+        lines.append(f"| {rs[0]['detector']} | {rs[0]['steps']} | {len(rs)} | {mean([r['wall_s'] for r in rs]):.0f} | "
+                     f"{cell('box_AP')} | {cell('box_AP50')} | {cell('mask_AP')} | {cell('mask_AP50')} |")
     return '\n'.join(lines)
 
 def main():
