@@ -105,7 +105,7 @@ def table(rows:list) -> str:
     for key in order:
         rs = sorted((r for r in rows if r['key'] == key), key=lambda r: r['seed'])
         def cell(name):
-            if len(rs) == 1: return fmt(rs[0][name])
+            if len(rs) == 1 or all(r[name] is None for r in rs): return fmt(rs[0][name])
             return ' / '.join(fmt(r[name]) for r in rs) + f" (mean {fmt(mean([r[name] for r in rs]))})"
         lines.append(f"| {rs[0]['detector']} | {rs[0]['steps']} | {len(rs)} | {mean([r['wall_s'] for r in rs]):.0f} | "
                      f"{cell('box_AP')} | {cell('box_AP50')} | {cell('mask_AP')} | {cell('mask_AP50')} |")
