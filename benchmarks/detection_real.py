@@ -12,8 +12,11 @@ instance (its box and mask from the label image). The tiles are written as a COC
 
 Every detector: res2netplus50-FPN from the same random init (one backbone state dict, loaded into each), the same
 seed, DataLoaders (bs 4, the default augmentation), image size, RPN/RoI sample sizes, SGD lr and `fit_one_cycle`
-schedule, and the same number of optimizer steps. Box and mask AP are pycocotools' on the 4 held-out tiles.
-Results are appended to benchmarks/results/detection_real.json one detector at a time.
+schedule (its first quarter a warm-up from lr/25), and the same number of optimizer steps. The lr is the package's
+default, `detection_lr(bs)`: mmdetection's 0.02 for 16 images scaled linearly, 0.005 for 4 (at 0.02, 4× that, Mask
+R-CNN and Cascade Mask R-CNN diverged within 16 steps). Box and mask AP are pycocotools' on the 4 held-out tiles.
+One thread (`torch.set_num_threads(1)`). Results are appended to benchmarks/results/detection_real.json one detector
+(and seed) at a time.
 """
 import argparse, json, sys, time, warnings
 from pathlib import Path
@@ -23,6 +26,7 @@ import numpy as np, torch
 from PIL import Image
 from fastai.vision.all import set_seed, Callback, CancelValidException
 from res2netplus.detection import coco_dataloaders, res2netplus_det_learner, evaluate_detector
+from res2netplus.detection.train import detection_lr
 from real_data import nuclei_instances, data_dir
 
 RESULTS = Path(__file__).parent/'results'/'detection_real.json'
@@ -89,38 +93,54 @@ def run(name:str, root:Path, args, backbone_state:dict|None) -> tuple:
 
 def fmt(v): return '–' if v is None or v != v else f'{100 * v:.1f}'
 
+def mean(values:list):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
 def table(rows:list) -> str:
-    lines = ['| detector | steps | wall s | box AP | box AP50 | mask AP | mask AP50 |', '|---|---|---|---|---|---|---|']
-    lines += [f"| {r['detector']} | {r['steps']} | {r['wall_s']:.0f} | {fmt(r['box_AP'])} | {fmt(r['box_AP50'])} | "
-              f"{fmt(r['mask_AP'])} | {fmt(r['mask_AP50'])} |" for r in rows]
+    "One line per detector: AP in % of each seed (seed 0 / seed 1 / …) and their mean; wall s is the mean"
+    order = [k for k in DETECTORS if any(r['key'] == k for r in rows)]
+    lines = ['| detector | steps | seeds | wall s | box AP | box AP50 | mask AP | mask AP50 |',
+             '|---|---|---|---|---|---|---|---|']
+    for key in order:
+        rs = sorted((r for r in rows if r['key'] == key), key=lambda r: r['seed'])
+        def cell(name):
+            if len(rs) == 1 or all(r[name] is None for r in rs): return fmt(rs[0][name])
+            return ' / '.join(fmt(r[name]) for r in rs) + f" (mean {fmt(mean([r[name] for r in rs]))})"
+        lines.append(f"| {rs[0]['detector']} | {rs[0]['steps']} | {len(rs)} | {mean([r['wall_s'] for r in rs]):.0f} | "
+                     f"{cell('box_AP')} | {cell('box_AP50')} | {cell('mask_AP')} | {cell('mask_AP50')} |")
     return '\n'.join(lines)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--detectors', nargs='+', default=list(DETECTORS), choices=list(DETECTORS))
     p.add_argument('--epochs', type=int, default=2, help='epochs of 8 steps (35 tiles, bs 4, last batch dropped)')
-    p.add_argument('--lr', type=float, default=0.02)
+    p.add_argument('--lr', type=float, default=None, help="default: the package's detection_lr(bs)")
     p.add_argument('--bs', type=int, default=4)
     p.add_argument('--size', type=int, default=128, help='image size the detector resizes to (the tiles are 128 px)')
     p.add_argument('--proposals', type=int, default=300, help='RPN proposals kept per image, training and test')
     p.add_argument('--rois', type=int, default=128, help='RoIs sampled per image for each box head')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seeds', type=int, nargs='+', default=[0])
+    p.add_argument('--threads', type=int, default=1)
     p.add_argument('--out', type=Path, default=RESULTS)
     p.add_argument('--table', action='store_true', help='print the table of --out and stop')
     args = p.parse_args()
+    if args.lr is None: args.lr = detection_lr(args.bs)
+    torch.set_num_threads(args.threads)
     if args.table:
         print(table(json.loads(args.out.read_text())['runs'])); return
     root = nuclei_coco(data_dir()/'nuclei_coco')
     results = json.loads(args.out.read_text()) if args.out.exists() else dict(runs=[])
     results.update(data='stardist 0.9.2 img2d/mask2d (Kaggle DSB 2018, BBBC038): 35 train / 4 held-out 128 px tiles',
                    backbone='res2netplus50-FPN, random init (one state dict for every detector)')
-    state = None
-    for name in args.detectors:
-        row, state = run(name, root, args, state)
-        print(json.dumps(row), flush=True)
-        results['runs'] = [r for r in results['runs'] if r['key'] != name] + [row]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+    for args.seed in args.seeds:
+        state = None
+        for name in args.detectors:
+            row, state = run(name, root, args, state)
+            print(json.dumps(row), flush=True)
+            results['runs'] = [r for r in results['runs'] if (r['key'], r['seed']) != (name, args.seed)] + [row]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
     print(table(results['runs']))
 
 if __name__ == '__main__':

@@ -62,6 +62,15 @@ elif task == 'detect':
     learn = res2netplus_det_learner(dls, 'res2netplus50', 'detect', min_size=64, max_size=64, path=run_dir,
                                     model_dir='.', cbs=CSVLogger())
     with learn.data_parallel(): learn.fit_one_cycle(1, 0.01, cbs=[SaveBestWeights(), StopOnNaN(), seen])
+elif task == 'htc':  # a tiny HTC: masks at every stage and their information flow, under DistributedDataParallel
+    from res2netplus.detection import make_detection_shapes, detection_dataloaders_from_folder, res2netplus_det_learner
+    with main_process_first(): path = make_detection_shapes(out/'shapes', n_images=10, size=64, seed=0)
+    dls = detection_dataloaders_from_folder(path, masks=True, bs=2, seed=0, valid_pct=0.4, num_workers=0)
+    learn = res2netplus_det_learner(dls, 'res2net50d', 'instance', detector='htc', min_size=64, max_size=64,
+                                    layers=(1, 1, 1, 1), out_channels=32, representation_size=32, mask_channels=16,
+                                    box_batch_size_per_image=32, rpn_post_nms_top_n_train=50,
+                                    rpn_post_nms_top_n_test=25, path=run_dir, model_dir='.', cbs=CSVLogger())
+    with learn.data_parallel(): learn.fit_one_cycle(1, cbs=[SaveBestWeights(), StopOnNaN(), seen])
 else: raise SystemExit(f'unknown task {task}')
 
 report = dict(state=learn.model.state_dict(), batches=seen.batches,

@@ -68,6 +68,15 @@ def test_detection(tmp_path):
     assert r0['values'] == r1['values']  # COCO AP and loss parts over both shares of the validation set
     assert_only_rank0_wrote(tmp_path, ['best.safetensors', 'history.csv'])
 
+def test_htc(tmp_path):
+    "HTC's three box and three mask heads data-parallel: the same weights and COCO figures on both ranks"
+    r0, r1 = run_task('htc', tmp_path, tmp_path)
+    assert_same_model(r0, r1)
+    assert any(k.startswith('roi_heads.mask_heads.2.') for k in r0['state'])  # the last stage's mask head is there
+    assert_split_work(r0, r1, bs=2)
+    assert r0['values'] == r1['values'] and all(math.isfinite(v) for v in r0['values'][-1][:1])  # the loss
+    assert_only_rank0_wrote(tmp_path, ['best.safetensors', 'history.csv'])
+
 def test_command_line_distributed(image_folder, tmp_path):
     out = tmp_path/'run'
     args = ['train', '--distributed', '2', '--data', str(image_folder), '--epochs', '1', '--size', '64', '--bs', '4',

@@ -99,3 +99,39 @@ def test_detection_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
     assert epochs_logged(cut/'metrics.csv') == epochs_logged(whole/'metrics.csv') == [0, 1, 2]
     mw, mc = json.loads((whole/'metrics.json').read_text()), json.loads((cut/'metrics.json').read_text())
     assert mw['box'] == mc['box']
+
+# a tiny HTC: one block per stage, narrow heads, few proposals
+TINY_HTC = dict(layers=(1, 1, 1, 1), out_channels=32, representation_size=32, mask_channels=16,
+                box_batch_size_per_image=32, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50,
+                rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=25, box_detections_per_img=10)
+HTC_RUN = dict(task='instance', detector='htc', arch='res2net50d', size=32, bs=2, epochs=2, workers=0, **TINY_HTC)
+
+FAIL_IN_EPOCH_1 = FAIL_IN_EPOCH_2.replace('epoch == 2', 'epoch == 1')
+
+def train_htc_with(patch:str, data, out, resume:bool=False):
+    "`train_detection` of a tiny HTC in a new process, after `patch`; `resume`: from `out`'s checkpoint"
+    code = (f"import sys, torch\nimport res2netplus.learner as L\n{patch}\n"
+            "from res2netplus.detection.train import train_detection\n"
+            f"ckpt = L.read_checkpoint({str(out/'checkpoint.pth')!r}) if {resume} else None\n"
+            f"train_detection({str(data)!r}, out={str(out)!r}, resume_from=ckpt, **{HTC_RUN!r})")
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=900)
+
+def test_htc_run_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    "HTC (masks at every stage, their information flow) checkpoints every epoch and resumes to the same weights"
+    from res2netplus.detection import make_detection_shapes, train_detection
+    data = make_detection_shapes(tmp_path/'shapes', n_images=6, size=64, seed=0)
+    whole, cut = tmp_path/'whole', tmp_path/'cut'
+    mw = train_detection(data, out=whole, **HTC_RUN)  # in this process: one import fewer
+    r = train_htc_with(FAIL_IN_EPOCH_1, data, cut)
+    assert r.returncode != 0 and 'injected failure' in r.stderr, r.stderr[-3000:]
+    assert torch.load(cut/'checkpoint.pth', weights_only=True)['epoch'] == 0
+    r = train_htc_with('', data, cut, resume=True)
+    assert r.returncode == 0 and 'resuming' in r.stdout, r.stderr[-3000:]
+    a, b = load_file(whole/'model.safetensors'), load_file(cut/'model.safetensors')
+    assert any('mask_heads.2' in k for k in a)  # the third stage's mask head was trained and saved
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert diff <= 1e-6, diff
+    assert epochs_logged(cut/'metrics.csv') == epochs_logged(whole/'metrics.csv') == [0, 1]
+    mc = json.loads((cut/'metrics.json').read_text())
+    assert mw['detector'] == mc['detector'] == 'htc' and (mw['box'], mw['mask']) == (mc['box'], mc['mask'])
+    assert mw['lr'] == mc['lr'] == 0.02 * 2 / 16  # no --lr: mmdetection's 0.02 per 16 images, for batches of 2

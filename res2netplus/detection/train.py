@@ -9,6 +9,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 from fastai.learner import load_learner
+from fastai.torch_core import num_distrib
 from ..data import default_cache_dir
 from ..models import res2net_factory
 from ..runs import RunTask, run_task, one_cycle_fit
@@ -17,7 +18,8 @@ from .data import detection_dataloaders_from_folder
 from .shapes import make_detection_shapes
 from .rcnn import DETECTORS
 from .evaluate import coco_evaluate, _rle
-from .learner import DetectionLearner, detector_factory, res2netplus_det_learner, _to_image
+from .learner import DetectionLearner, detector_factory, detection_lr, _to_image
+from .learner import res2netplus_det_learner
 
 # %% auto #0
 __all__ = ['DETECTION_SHAPES', 'DETECT', 'INSTANCE', 'train_detection', 'predict_detection']
@@ -67,14 +69,16 @@ INSTANCE = replace(DETECT, name='instance')
 
 # %% ../../nbs/07j_detection.train.ipynb #5c2fe2a0
 def train_detection(data=None, out='runs/detection', task:str='detect', arch:str='res2netplus50', size:int=512,
-                    bs:int=4, epochs:int=12, lr:float|None=0.02, pretrained:bool=False, weights=None, seed:int=42,
+                    bs:int=4, epochs:int=12, lr:float|None=None, pretrained:bool=False, weights=None, seed:int=42,
                     workers:int|None=None, valid_pct:float=0.2, augs='default', detector:str='rcnn', sync_bn:bool=False,
                     resume_from:dict|None=None, run_info:dict|None=None, **model_kwargs) -> dict:
     """Train Faster R-CNN (`task='detect'`) or Mask R-CNN (`'instance'`), their cascades (`detector='cascade'`)
     or HTC (`'htc'`) on a COCO or VOC folder (none: generated shapes); write the results to `out`. Every epoch is
     reseeded from `seed` and checkpointed to `out/checkpoint.pth`
-    (with `run_info['args']`, what resumes it); `resume_from`: such a checkpoint (`read_checkpoint`) to continue from"""
+    (with `run_info['args']`, what resumes it); `resume_from`: such a checkpoint (`read_checkpoint`) to continue from.
+    `lr` None: `detection_lr` of the global batch (0.005 for 4 images); 0: `lr_find`'s"""
     if task not in DETECTORS: raise ValueError(f"Unknown --task {task!r} for detection: use detect or instance.")
+    if lr is None: lr = detection_lr(bs * max(num_distrib(), 1))
     settings = dict(data=data, out=out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
                     weights=weights, seed=seed, workers=workers, valid_pct=valid_pct, augs=augs, detector=detector,
                     sync_bn=sync_bn, model_kwargs=model_kwargs)
