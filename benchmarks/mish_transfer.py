@@ -1,7 +1,7 @@
 """What swapping ReLU for Mish costs pretrained weights, and whether a gradual ReLU -> Mish schedule removes the cost.
 
     nice -n 5 python benchmarks/mish_transfer.py                    # pretrain once (cached), then 4 arms x 3 seeds
-    nice -n 5 python benchmarks/mish_transfer.py --seeds 0 1 2 3 4 --epochs 5 --pct 0.3
+    nice -n 5 python benchmarks/mish_transfer.py --seeds 0 1 2 3 4 --epochs 5 --pretrain-cpu 480
 
 Res2NetPlus's ImageNet weights are Res2Net-v1b's (`res2net50d`), trained with ReLU, transferred exactly
 (`transfer_v1b_to_plus`) into a network that runs Mish. No ImageNet weights can be fetched here, so the study builds
@@ -10,7 +10,7 @@ its own transfer on one CPU thread (`torch.set_num_threads(1)`; budgets are proc
 * **Source**: `res2net50d` (ReLU) trained from random init on Fashion-MNIST (60,000 training images; Zalando
   Research, MIT licence; read from the Debian package `dataset-fashion-mnist`, /usr/share/datasets/fashion-mnist,
   installed when missing and allowed) at 32 px, grey repeated to 3 channels, ImageNet normalisation, batch 64, AdamW
-  with a one-cycle schedule, for `--pretrain-cpu` CPU seconds (default 480). Its accuracy on 2,000 Fashion-MNIST
+  with a one-cycle schedule, for `--pretrain-cpu` CPU seconds (default 240). Its accuracy on 2,000 Fashion-MNIST
   test images is recorded. The state dict is cached (`$RES2NETPLUS_HOME/mish_transfer/`) so reruns skip this; its
   classifier is saved in the 1,000-row shape of an ImageNet checkpoint, which `res2netplus_learner(weights=)`
   expects and replaces by a fresh head.
@@ -127,15 +127,15 @@ def finetune(arm:str, seed:int, path:Path, source:Path, args) -> dict:
     from torch import nn
     import fastai.vision.all as fv
     from res2netplus.learner import res2netplus_learner
-    from res2netplus.act_schedule import MishSchedule, MishBlend, replace_modules, is_mish
+    from res2netplus.act_schedule import MishSchedule, MishBlend
     fv.set_seed(seed, reproducible=True)
     dls = fv.ImageDataLoaders.from_folder(path, valid='valid', bs=args.bs, num_workers=0, seed=seed)
     pretrained = arm != 'scratch'
     log = FitLog()
     cbs = [log] + ([MishSchedule(args.pct, args.curve)] if arm == 'schedule' else [])
+    # relu: every Mish of the body replaced by ReLU; schedule: the MishSchedule in cbs (the learner adds no other)
     learn = res2netplus_learner(dls, 'res2netplus50', weights=source if pretrained else None, epochs=args.epochs,
-                                precision=None, cbs=cbs)
-    if arm == 'relu': replace_modules(learn.model, is_mish, nn.ReLU)
+                                precision=None, cbs=cbs, pretrained_act='mish' if arm == 'scratch' else arm)
     start = time.process_time()
     with learn.no_bar(), learn.no_logging(): learn.fit_recipe(args.epochs, seed=seed)
     cpu = time.process_time() - start
@@ -168,13 +168,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--arms', nargs='+', choices=ARMS, default=list(ARMS))
-    p.add_argument('--epochs', type=int, default=5, help='unfrozen epochs (pretrained arms add one frozen epoch)')
+    p.add_argument('--epochs', type=int, default=3, help='unfrozen epochs (pretrained arms add one frozen epoch)')
     p.add_argument('--pct', type=float, default=0.3, help='part of the unfrozen fit the ReLU -> Mish ramp takes')
     p.add_argument('--curve', default='cos', choices=['cos', 'linear'])
     p.add_argument('--size', type=int, default=32)
     p.add_argument('--bs', type=int, default=32)
     p.add_argument('--n-train', type=int, default=50, help='training digits per class')
-    p.add_argument('--pretrain-cpu', type=int, default=480, help='CPU seconds of source pretraining')
+    p.add_argument('--pretrain-cpu', type=int, default=240, help='CPU seconds of source pretraining')
     p.add_argument('--out', default='benchmarks/results/mish_transfer.json')
     args = p.parse_args()
     import torch
@@ -188,14 +188,16 @@ def main():
     results = saved.get('runs', []) if saved.get('setup') == setup else []
     source_info = json.loads(source.with_suffix('.json').read_text())
     print(f"source: {source_info}\ntarget: digits {10*args.n_train} train images at {args.size} px", flush=True)
-    for seed in args.seeds:
-        for arm in args.arms:
-            if any(r['arm'] == arm and r['seed'] == seed for r in results): continue
-            r = finetune(arm, seed, path, source, args)
-            results.append(r)
-            out.write_text(json.dumps(dict(setup=setup, source=source_info, runs=results), indent=1))
-            print(f"  {arm:9s} seed {seed}: {100*r['accuracy']:.2f} %, valid loss {r['valid_loss']:.3f} "
-                  f"({r['cpu_seconds']:.0f} CPU s)", flush=True)
+    # the pretrained arms of each seed first (interleaved, so that machine load affects them alike), scratch last
+    order = [(s, a) for s in args.seeds for a in args.arms if a != 'scratch'] + [(s, 'scratch') for s in args.seeds
+                                                                                if 'scratch' in args.arms]
+    for seed, arm in order:
+        if any(r['arm'] == arm and r['seed'] == seed for r in results): continue
+        r = finetune(arm, seed, path, source, args)
+        results.append(r)
+        out.write_text(json.dumps(dict(setup=setup, source=source_info, runs=results), indent=1))
+        print(f"  {arm:9s} seed {seed}: {100*r['accuracy']:.2f} %, valid loss {r['valid_loss']:.3f} "
+              f"({r['cpu_seconds']:.0f} CPU s)", flush=True)
     print(table(results))
 
 if __name__ == '__main__': main()
