@@ -17,7 +17,7 @@ its own transfer on one CPU thread (`torch.set_num_threads(1)`; budgets are proc
 * **Target**: scikit-learn's bundled `load_digits`: 1,797 real handwritten digits, 8x8 px, 16 grey levels (the UCI
   "Optical Recognition of Handwritten Digits" test set, E. Alpaydin and C. Kaynak 1998; CC BY 4.0 at UCI; shipped
   inside scikit-learn, BSD-3-Clause), upscaled to 32 px (bilinear), 3 channels. Split once (seed 0, class-balanced):
-  `--n-train` images per class for training, all the others (1,297 with the default 50) held out for validation.
+  `--n-train` images per class for training (default 50), `--n-valid` others per class held out (default 60).
 * **Arms**, fine-tuned alike with the package recipe for short runs, `res2netplus_learner(dls, 'res2netplus50',
   weights=<source>, epochs=E)` then `learn.fit_recipe(E, seed=s)`: one head-only epoch on the frozen body, then E
   epochs of the whole network (Adam, one-cycle, discriminative lr 1.5e-5 to 1.5e-3, label smoothing 0.1):
@@ -99,18 +99,22 @@ def pretrain(args) -> Path:
     return out
 
 def digits_folder(args) -> Path:
-    "scikit-learn's digits at `args.size` px as an image tree: `args.n_train` per class for training, the rest valid"
+    "scikit-learn's digits at `args.size` px as an image tree: `args.n_train` and `args.n_valid` per class"
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
     from res2netplus.data import default_cache_dir
-    dest = default_cache_dir()/'mish_transfer'/f'digits_{args.size}px_{args.n_train}'
+    dest = default_cache_dir()/'mish_transfer'/f'digits_{args.size}px_{args.n_train}_{args.n_valid}'
     if (dest/'.complete').exists(): return dest
     d, rng = load_digits(), np.random.default_rng(0)
-    train = np.concatenate([rng.permutation(np.flatnonzero(d.target == c))[:args.n_train] for c in range(10)])
-    is_train = np.zeros(len(d.target), bool); is_train[train] = True
+    split = {}
+    for c in range(10):
+        order = rng.permutation(np.flatnonzero(d.target == c))
+        split |= {i: 'train' for i in order[:args.n_train]}
+        split |= {i: 'valid' for i in order[args.n_train:args.n_train + args.n_valid]}
     for i, (img, label) in enumerate(zip(d.images, d.target)):
-        folder = dest/('train' if is_train[i] else 'valid')/str(label); folder.mkdir(parents=True, exist_ok=True)
+        if i not in split: continue
+        folder = dest/split[i]/str(label); folder.mkdir(parents=True, exist_ok=True)
         pil = Image.fromarray((img*255/16).round().astype(np.uint8)).resize((args.size,)*2, Image.BILINEAR)
         pil.convert('RGB').save(folder/f'{i:04d}.png')
     (dest/'.complete').write_text('')
@@ -174,6 +178,7 @@ def main():
     p.add_argument('--size', type=int, default=32)
     p.add_argument('--bs', type=int, default=32)
     p.add_argument('--n-train', type=int, default=50, help='training digits per class')
+    p.add_argument('--n-valid', type=int, default=60, help='held-out digits per class (at most 124 with 50 training)')
     p.add_argument('--pretrain-cpu', type=int, default=240, help='CPU seconds of source pretraining')
     p.add_argument('--out', default='benchmarks/results/mish_transfer.json')
     args = p.parse_args()
@@ -184,10 +189,12 @@ def main():
     out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
     saved = json.loads(out.read_text()) if out.exists() else {}
     setup = dict(epochs=args.epochs, pct=args.pct, curve=args.curve, size=args.size, bs=args.bs, n_train=args.n_train,
+                 n_valid=args.n_valid,
                  pretrain_cpu=args.pretrain_cpu, torch=torch.__version__, threads=torch.get_num_threads())
     results = saved.get('runs', []) if saved.get('setup') == setup else []
     source_info = json.loads(source.with_suffix('.json').read_text())
-    print(f"source: {source_info}\ntarget: digits {10*args.n_train} train images at {args.size} px", flush=True)
+    print(f"source: {source_info}\ntarget: digits, {10*args.n_train} training and {10*args.n_valid} held-out images "
+          f"at {args.size} px", flush=True)
     # the pretrained arms of each seed first (interleaved, so that machine load affects them alike), scratch last
     order = [(s, a) for s in args.seeds for a in args.arms if a != 'scratch'] + [(s, 'scratch') for s in args.seeds
                                                                                 if 'scratch' in args.arms]

@@ -111,7 +111,7 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None='auto', pretrained
                         loss_func=None, opt_func=None, metrics=None, cbs=None,
                         label_smoothing:float=RECIPE['label_smoothing'], precision:str|None='auto',
                         channels_last:bool|None=None, compile:bool=False, epochs:int|None=None,
-                        pretrained_act:str='schedule', **kwargs) -> Learner:
+                        pretrained_act:str='mish', **kwargs) -> Learner:
     """A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`. `mix='auto'` and no
     `opt_func` leave mixing and the optimizer to the training length: `epochs` if given, else `fit_recipe`'s;
     `pretrained_act`: what a Plus arch does with ReLU-trained (v1b) weights, `'schedule'`, `'relu'` or `'mish'`"""
@@ -131,7 +131,8 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None='auto', pretrained
     held = any(isinstance(cb, Mixer) for cb in learn.cbs)
     learn.recipe_auto = dict(mix=mix == 'auto' and not held, opt=opt_func is None)
     learn.plan_recipe(epochs)
-    if _relu_trained(arch, pretrained, weights): _set_pretrained_act(learn, pretrained_act)
+    # 'mish' needs nothing: the default reads no weights file twice
+    if pretrained_act != 'mish' and _relu_trained(arch, pretrained, weights): _set_pretrained_act(learn, pretrained_act)
     return _accelerate(learn, precision, channels_last, compile=compile)
 
 # %% ../nbs/05_learner.ipynb #5a9e0f13
