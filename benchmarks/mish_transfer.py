@@ -22,7 +22,7 @@ its own transfer on one CPU thread (`torch.set_num_threads(1)`; budgets are proc
   weights=<source>, epochs=E)` then `learn.fit_recipe(E, seed=s)`: one head-only epoch on the frozen body, then E
   epochs of the whole network (Adam, one-cycle, discriminative lr 1.5e-5 to 1.5e-3, label smoothing 0.1):
   `relu`: every `nn.Mish` of the Plus body replaced by `nn.ReLU` (the transfer is then exact);
-  `mish`: Plus as it is (Mish at once: what `pretrained=True` did before this study);
+  `mish`: Plus as it is (Mish at once: `pretrained=True`'s behaviour before and, from this study, its default);
   `schedule`: `MishSchedule(pct)`: ReLU during the frozen epoch, then ReLU -> Mish (cosine) over the first `pct` of
   the unfrozen fit, plain Mish afterwards;
   `scratch`: Plus with Mish from random init, E epochs of the recipe without the frozen epoch (what pretraining buys).
