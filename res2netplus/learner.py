@@ -9,6 +9,7 @@ import os, random
 from pathlib import Path
 import numpy as np
 import torch
+from torch import nn
 from fastcore.foundation import L
 from fastai.vision.all import (Learner, vision_learner, patch, ranger, Adam, CrossEntropyLossFlat,
                                LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat, accuracy, accuracy_multi,
@@ -17,13 +18,15 @@ from fastai.vision.all import (Learner, vision_learner, patch, ranger, Adam, Cro
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from fastai.vision.models.unet import DynamicUnet
-from .models import res2netplus50, check_finite, resolve_arch
+from .models import res2netplus50, check_finite, resolve_arch, RES2NET_FACTORIES
+from .weights import read_weights, is_v1b_state_dict
+from .act_schedule import MishSchedule, replace_modules, is_mish
 from .augment import Mixer, MIX_CALLBACKS, mix_callback, ProcessSeeded
 
 # %% auto #0
-__all__ = ['RECIPE', 'SHORT_RECIPE', 'BUDGET', 'budget_recipe', 'compile_learner', 'res2netplus_learner', 'EpochSeed',
-           'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput', 'SaveBestWeights', 'resumable_cbs',
-           'recipe_phases']
+__all__ = ['RECIPE', 'SHORT_RECIPE', 'BUDGET', 'PRETRAINED_ACTS', 'budget_recipe', 'compile_learner', 'res2netplus_learner',
+           'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput', 'SaveBestWeights',
+           'resumable_cbs', 'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3)  # long runs
@@ -78,6 +81,22 @@ def compile_learner(learn:Learner, **kwargs) -> Learner:
                                                              **{k: _untyped(v) for k, v in kw.items()})
     return learn
 
+# %% ../nbs/05_learner.ipynb #0d7679df
+PRETRAINED_ACTS = ('schedule', 'relu', 'mish')
+
+def _relu_trained(arch, pretrained:bool, weights) -> bool:
+    "Whether the Plus variant `arch` gets ReLU-trained weights: its ImageNet ones (Res2Net-v1b's) or a v1b file"
+    name = getattr(resolve_arch(arch), '__name__', None)
+    if not (pretrained and name in RES2NET_FACTORIES and 'plus' in name): return False
+    if weights is None or (isinstance(weights, str) and weights.upper() == 'DEFAULT'): return True
+    return is_v1b_state_dict(read_weights(weights))
+
+def _set_pretrained_act(learn:Learner, act:str) -> Learner:
+    "Mish after ReLU-trained weights: ramped in (`'schedule'`), replaced by ReLU (`'relu'`) or at once (`'mish'`)"
+    if act == 'relu': replace_modules(learn.model, is_mish, nn.ReLU)
+    elif act == 'schedule' and not any(isinstance(cb, MishSchedule) for cb in learn.cbs): learn.add_cb(MishSchedule())
+    return learn
+
 # %% ../nbs/05_learner.ipynb #59c915cf
 def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_channels_last:bool=True,
                 compile:bool=False) -> Learner:
@@ -91,9 +110,13 @@ def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_
 def res2netplus_learner(dls, arch=res2netplus50, mix:str|None='auto', pretrained:bool=False, weights=None,
                         loss_func=None, opt_func=None, metrics=None, cbs=None,
                         label_smoothing:float=RECIPE['label_smoothing'], precision:str|None='auto',
-                        channels_last:bool|None=None, compile:bool=False, epochs:int|None=None, **kwargs) -> Learner:
+                        channels_last:bool|None=None, compile:bool=False, epochs:int|None=None,
+                        pretrained_act:str='mish', **kwargs) -> Learner:
     """A `vision_learner` with the Res2NetPlus recipe; train it with `learn.fit_recipe(epochs)`. `mix='auto'` and no
-    `opt_func` leave mixing and the optimizer to the training length: `epochs` if given, else `fit_recipe`'s"""
+    `opt_func` leave mixing and the optimizer to the training length: `epochs` if given, else `fit_recipe`'s;
+    `pretrained_act`: what a Plus arch does with ReLU-trained (v1b) weights, `'schedule'`, `'relu'` or `'mish'`"""
+    if pretrained_act not in PRETRAINED_ACTS:
+        raise ValueError(f"pretrained_act must be 'schedule', 'relu' or 'mish', got {pretrained_act!r}.")
     # trained weights (a file) are used as pretrained ones are: ImageNet statistics, a frozen body, fine-tuning
     pretrained = pretrained or weights is not None
     if weights is not None: kwargs['weights'] = weights
@@ -108,6 +131,8 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None='auto', pretrained
     held = any(isinstance(cb, Mixer) for cb in learn.cbs)
     learn.recipe_auto = dict(mix=mix == 'auto' and not held, opt=opt_func is None)
     learn.plan_recipe(epochs)
+    # 'mish' needs nothing: the default reads no weights file twice
+    if pretrained_act != 'mish' and _relu_trained(arch, pretrained, weights): _set_pretrained_act(learn, pretrained_act)
     return _accelerate(learn, precision, channels_last, compile=compile)
 
 # %% ../nbs/05_learner.ipynb #5a9e0f13
