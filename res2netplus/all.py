@@ -7,6 +7,7 @@ from res2netplus.models import *
 from res2netplus.data import *
 from res2netplus.augment import *
 from res2netplus.learner import *
+from res2netplus.act_schedule import *
 from res2netplus.segmentation import *
 from res2netplus.detection import *
 from res2netplus.deploy import *
