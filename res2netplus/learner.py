@@ -5,7 +5,7 @@ precision chosen for Res2NetPlus."""
 
 # %% ../nbs/05_learner.ipynb #9b3b21c1
 from __future__ import annotations
-import os, random
+import os, random, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -259,6 +259,10 @@ class SaveBestWeights(TrackerCallback):
         self.fname, (self.best, self.best_epoch) = Path(fname), best or (None, None)
     def after_epoch(self):
         if _skipping(self.learn): return
+        if self.recorder.values[-1][self.idx] is None:  # e.g. box AP of a validation split without objects
+            self.new_best = False
+            return warnings.warn(f"SaveBestWeights: no {self.monitor} this epoch (nothing to measure it on); "
+                                 "nothing saved.")
         super().after_epoch()
         if self.new_best and not rank_distrib():
             import safetensors.torch

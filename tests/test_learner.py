@@ -85,3 +85,21 @@ def test_compile_trains_the_compiled_model_and_exports_the_eager_one(dls, tmp_pa
     loaded = load_learner(tmp_path/'export.pkl')
     assert getattr(loaded.model, '_compiled_call_impl', None) is None
     with torch.no_grad(): assert torch.allclose(loaded.model.eval()(x), plain, rtol=1e-4, atol=1e-4)
+
+def test_save_best_weights_skips_an_epoch_without_its_metric(tmp_path):
+    "A metric that could not be measured (box AP of a validation split without objects) saves nothing, and warns"
+    from fastai.vision.all import Learner, DataLoaders, Metric
+    from res2netplus.learner import SaveBestWeights
+    class Unmeasured(Metric):
+        name = 'box_AP'
+        def reset(self): pass
+        def accumulate(self, learn): pass
+        @property
+        def value(self): return None
+    xs = torch.randn(16, 2)
+    data = list(zip(xs, xs.sum(1, keepdim=True)))
+    dls = DataLoaders.from_dsets(data, data, bs=8)
+    learn = Learner(dls, torch.nn.Linear(2, 1), loss_func=torch.nn.MSELoss(), metrics=Unmeasured(), path=tmp_path)
+    with pytest.warns(UserWarning, match='no box_AP this epoch'), learn.no_bar(), learn.no_logging():
+        learn.fit(2, 0.01, cbs=SaveBestWeights(monitor='box_AP'))
+    assert not (tmp_path/'best.safetensors').exists()
