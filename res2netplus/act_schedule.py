@@ -54,7 +54,8 @@ class MishSchedule(Callback):
     Mish over the first `pct` of the first fit that trains the whole network, then a plain `nn.Mish` again"""
     order = -5  # before the mixing callbacks and the batch's forward pass
     def __init__(self, pct:float=0.3, curve:str='cos'):
-        if not 0 < pct <= 1: raise ValueError(f"pct must be in (0, 1], the part of the fit the ramp takes; got {pct!r}.")
+        if not 0 < pct <= 1:
+            raise ValueError(f"pct must be in (0, 1], the part of the fit the ramp takes; got {pct!r}.")
         if curve not in ACT_CURVES:
             raise ValueError(f"curve must be one of {', '.join(map(repr, ACT_CURVES))}, got {curve!r}.")
         self.pct, self.curve, self.blends, self.done, self.ramping = pct, curve, [], False, False

@@ -21,7 +21,7 @@ __all__ = ['TASKS', 'TASK_DEFAULTS', 'train', 'launch', 'main']
 
 # %% ../nbs/10_cli.ipynb #b3831f37
 TASKS = tuple(RUN_TASKS)
-TASK_DEFAULTS = {'classify': dict(size=32, bs=64, epochs=7), 'segment': dict(size=64, bs=64, epochs=3),
+TASK_DEFAULTS = {'classify': dict(size=32, bs=64, epochs=3), 'segment': dict(size=64, bs=64, epochs=3),
                  'detect': dict(size=128, bs=4, epochs=3), 'instance': dict(size=128, bs=4, epochs=3)}
 _DETECTION = ('detect', 'instance')
 
@@ -73,7 +73,7 @@ _TRAIN_HELP = dict(
     output_stride="segment: the backbone's output stride, 8, 16 or 32 (default: the head's)",
     arch='a variant, e.g. res2netplus50, res2net50d',
     size='image size in pixels (detection: the shorter side; default: classify 32, segment 64, detection 128)',
-    bs='batch size (default: 64, detection 4)', epochs='epochs (default: classify 7, the others 3)',
+    bs='batch size (default: 64, detection 4)', epochs='epochs (default: 3)',
     lr="learning rate (default: the recipe's); 0 to find it with lr_find",
     mix='mixing (classify, segment): cutmix, mixup, both, none, or auto: none in runs shorter than 40 epochs, '
         'cutmix from there',

@@ -34,8 +34,8 @@ def _enough_for_a_batch(dls, bs:int):
 
 def image_dataloaders(path:Path, s) -> tuple:
     "Folder tree or CSV → DataLoaders with the recommended training augmentation; also the class names"
-    kw = dict(item_tfms=[AlbumentationsTransform(res2netplus_augs(s.size)), Resize(s.size)], bs=s.bs, seed=s.seed,
-              **_loader_kw(s))
+    augs = res2netplus_augs(s.size, scale=budget_recipe(s.epochs, 1)['crop_scale'])  # milder crops in short runs
+    kw = dict(item_tfms=[AlbumentationsTransform(augs), Resize(s.size)], bs=s.bs, seed=s.seed, **_loader_kw(s))
     if path.is_file():
         df = check_image_csv(path, decode=True)
         valid = dict(valid_col='is_valid') if 'is_valid' in df else dict(valid_pct=0.2)
