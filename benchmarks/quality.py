@@ -299,13 +299,14 @@ def tables(results:list) -> str:
         rows = sorted((k for k in groups if k[0] == task), key=lambda k: (k[1], order[task].index(k[2])))
         if not rows: continue
         out += [f'\n### {task}\n', '| budget (CPU s) | model | ' + ' | '.join(c[0] for c in cols[task]) +
-                ' | steps | s / step | seeds |', '|---:|---|' + '---|' * len(cols[task]) + '---:|---:|---:|']
+                ' | steps | s / step | train CPU s | seeds |', '|---:|---|' + '---|' * len(cols[task]) + '---:|' * 4]
         for k in rows:
             rs = groups[k]
             vals = ' | '.join(fmt([r[f] for r in rs], sc, dg) for _, f, sc, dg in cols[task])
             steps = statistics.mean(r['steps'] for r in rs)
             sps = statistics.mean(r['timed_s_per_step'] for r in rs)
-            out.append(f'| {k[1]:.0f} | {k[2]} | {vals} | {steps:.0f} | {sps:.2f} | {len(rs)} |')
+            cpu = statistics.mean(r['train_cpu_s'] for r in rs)
+            out.append(f'| {k[1]:.0f} | {k[2]} | {vals} | {steps:.0f} | {sps:.2f} | {cpu:.1f} | {len(rs)} |')
     return '\n'.join(out)
 
 def main():
