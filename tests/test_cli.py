@@ -86,7 +86,7 @@ def test_train_from_csv_with_lr_find(image_folder, tmp_path):
     assert not [cb for cb in learn.cbs if type(cb).__name__ in ('CutMix', 'MixUp', 'MixUpCutMix')]
 
 def test_the_main_job_settings(monkeypatch, tmp_path):
-    "`res2netplus train` alone: the bundled data at 32 px, 7 epochs, the recipe fitted to them (trained in the README)"
+    "`res2netplus train` alone: all bundled data at 32 px, 3 epochs, the recipe fitted to them (trained in the README)"
     import res2netplus.cli
     seen = {}
     def run_task(task, settings, checkpoint=None, args=None):
@@ -94,12 +94,14 @@ def test_the_main_job_settings(monkeypatch, tmp_path):
         return dict(task='classify', accuracy=0.9, valid_loss=0.5, epochs=settings['epochs'], train_seconds=1.)
     monkeypatch.setattr(res2netplus.cli, 'run_task', run_task)
     assert res2netplus.cli.main(['train', '--out', str(tmp_path/'run')]) == 0
-    assert (seen['task'], seen['data'], seen['size'], seen['bs'], seen['epochs']) == ('classify', None, 32, 64, 7)
+    assert (seen['task'], seen['data'], seen['size'], seen['bs'], seen['epochs']) == ('classify', None, 32, 64, 3)
     assert (seen['mix'], seen['lr'], seen['keep_checkpoint']) == ('auto', None, False)
     from fastai.vision.all import Adam
     from res2netplus.learner import budget_recipe
-    plan = budget_recipe(7, 2000//64)  # the bundled subset's 2,000 training images
-    assert (plan['mix'], plan['opt_func'], plan['schedule']) == (None, Adam, 'fit_one_cycle')
+    from res2netplus.data import BUNDLED_FASHION_MNIST
+    plan = budget_recipe(3, BUNDLED_FASHION_MNIST['n_train']//64)
+    assert (plan['mix'], plan['opt_func'], plan['schedule'], plan['crop_scale']) == (None, Adam, 'fit_one_cycle',
+                                                                                     (0.8, 1.))
 
 @pytest.mark.parametrize('problem,message', [('unreadable', 'unreadable or damaged image(s)'),
                                              ('csv_missing_file', 'do not exist'), ('bad_mix', 'Unknown mix'),
