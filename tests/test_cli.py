@@ -262,3 +262,16 @@ def test_names_moved_out_of_the_cli_still_import_from_it():
     assert cli.run_config is res2netplus.tasks.run_config and cli.SHAPES is res2netplus.tasks.SHAPES
     assert cli.TrainingDiverged is res2netplus.runs.TrainingDiverged and cli._stem_in is res2netplus.tasks._stem_in
     assert cli.TASKS == ('classify', 'segment', 'detect', 'instance')
+
+@pytest.mark.parametrize('epochs,scale', [(3, (0.8, 1.)), (40, (0.35, 1.))])
+def test_classify_crops_follow_the_run_length(image_folder, epochs, scale):
+    "`res2netplus train`'s loaders crop mildly in short runs and strongly from BUDGET['crop_epochs'] (budget_recipe)"
+    import albumentations as A
+    from types import SimpleNamespace
+    from res2netplus.augment import AlbumentationsTransform
+    from res2netplus.tasks import image_dataloaders
+    s = SimpleNamespace(size=32, bs=4, seed=0, workers=0, epochs=epochs)
+    dls, _ = image_dataloaders(image_folder, s)
+    augs = next(t for t in dls.train.after_item.fs if isinstance(t, AlbumentationsTransform)).augs
+    crop = next(t for t in augs.transforms if isinstance(t, A.RandomResizedCrop))
+    assert tuple(crop.scale) == scale
