@@ -10,7 +10,7 @@ from fastai.torch_core import num_distrib, rank_distrib
 from .weights import WeightsUnavailableError
 from .learner import read_checkpoint
 from .runs import TrainingDiverged, run_task
-from .tasks import RUN_TASKS, train_detection
+from .tasks import RUN_TASKS, train_detection, run_precision
 from .predict import predict
 # the names' old home: `from res2netplus.cli import overlay` (and the rest) keeps working
 from .tasks import SHAPES, run_config, _stem_in  # noqa: F401
@@ -41,7 +41,7 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
           detector:str='rcnn', size:int|None=None, bs:int|None=None, epochs:int|None=None, lr:float|None=None,
           mix:str='auto', pretrained:bool=False, weights=None, out='runs/res2netplus', seed:int=42,
           workers:int|None=None, resume:bool=False, sync_bn:bool=False, compile:bool=False, keep_checkpoint:bool=False,
-          _checkpoint:dict|None=None) -> dict:
+          precision:str='auto', _checkpoint:dict|None=None) -> dict:
     """Train `arch` with the recipe to classify (image folder tree or CSV; none: the bundled Fashion-MNIST subset),
     segment (images/, masks/, codes.txt; none: generated shapes) or detect; write the results to `out`"""
     args = {k: v for k, v in locals().items() if k not in ('resume', '_checkpoint')}  # what --resume reads back
@@ -54,9 +54,11 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
     epochs = TASK_DEFAULTS[task]['epochs'] if epochs is None else epochs
     if task in _DETECTION:
         if keep_checkpoint: raise ValueError("--keep_checkpoint is for --task classify and segment: drop it.")
+        if precision != 'auto': raise ValueError("--precision is for --task classify and segment: drop it.")
         return train_detection(data, out=out, task=task, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr,
                                pretrained=pretrained, weights=weights, seed=seed, workers=workers, detector=detector,
                                sync_bn=sync_bn, resume_from=_checkpoint, run_info=dict(args=args))
+    run_precision(precision)  # a bad --precision fails before any data is read
     return run_task(RUN_TASKS[task], {**args, 'size': size, 'bs': bs, 'epochs': epochs}, checkpoint=_checkpoint,
                     args=args)
 
@@ -89,7 +91,9 @@ _TRAIN_HELP = dict(
                     'stays: export.pkl, model.safetensors)',
     sync_bn='with --distributed on GPUs: BatchNorm over the global batch (SyncBatchNorm)',
     compile='classify, segment (fpn, deeplabv3plus heads): torch.compile the model before training, for GPUs '
-            '(1.25× the eager throughput on an H100, after minutes of compiling)')
+            '(1.25× the eager throughput on an H100, after minutes of compiling)',
+    precision='classify, segment: auto (GPU: bf16 where supported, else fp16; CPU: fp32), bf16 (also on a CPU: '
+              'autocast), fp16 (GPU) or fp32')
 
 _TRAIN_TYPES = dict(size=int, bs=int, epochs=int, lr=float, seed=int, workers=int, output_stride=int)
 

@@ -14,7 +14,7 @@ from fastcore.foundation import L
 from fastai.vision.all import (Learner, vision_learner, patch, ranger, Adam, CrossEntropyLossFlat,
                                LabelSmoothingCrossEntropyFlat, BCEWithLogitsLossFlat, accuracy, accuracy_multi,
                                ChannelsLast, Callback, TrackerCallback, TerminateOnNaNCallback,
-                               CancelFitException, SkipToEpoch, set_seed, noop, rank_distrib, num_distrib)
+                               CancelFitException, SkipToEpoch, set_seed, noop, rank_distrib, num_distrib, to_float)
 from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from fastai.vision.models.unet import DynamicUnet
@@ -24,9 +24,9 @@ from .act_schedule import MishSchedule, replace_modules, is_mish
 from .augment import Mixer, MIX_CALLBACKS, mix_callback, ProcessSeeded
 
 # %% auto #0
-__all__ = ['RECIPE', 'SHORT_RECIPE', 'BUDGET', 'PRETRAINED_ACTS', 'budget_recipe', 'compile_learner', 'res2netplus_learner',
-           'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput', 'SaveBestWeights',
-           'resumable_cbs', 'recipe_phases']
+__all__ = ['RECIPE', 'SHORT_RECIPE', 'BUDGET', 'PRETRAINED_ACTS', 'budget_recipe', 'native_bf16', 'CPUAutocast',
+           'compile_learner', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN',
+           'CheckFiniteInput', 'SaveBestWeights', 'resumable_cbs', 'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3,  # long runs
@@ -44,11 +44,34 @@ def budget_recipe(epochs:int|None, steps_per_epoch:int) -> dict:
                 crop_scale=(RECIPE if long or epochs >= BUDGET['crop_epochs'] else SHORT_RECIPE)['crop_scale'],
                 opt_func=optimizer['opt_func'], schedule=optimizer['schedule'], lr=optimizer['lr'])
 
+def native_bf16(device='cpu') -> bool:
+    "Whether `device` computes bfloat16 natively: a CUDA GPU from Ampere on, or a CPU with AVX512-BF16 or AMX"
+    if torch.device(device).type == 'cuda': return torch.cuda.is_bf16_supported(including_emulation=False)
+    probes = [getattr(torch.cpu, f, None) for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
+    return any(probe() for probe in probes if probe is not None)
+
+class CPUAutocast(Callback):
+    "bf16 autocast on a CPU, for training and validation (fastai's `MixedPrecision` autocasts CUDA only)"
+    order = 10  # fastai's MixedPrecision's place
+    autocast = None
+    def before_batch(self):
+        self.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
+        self.autocast.__enter__()
+    def after_pred(self): self.learn.pred = to_float(self.pred)
+    def after_loss(self): self._leave()
+    def after_batch(self): self._leave()  # a batch without targets, or a cancelled one, skips after_loss
+    def _leave(self):
+        if self.autocast is not None: self.autocast.__exit__(None, None, None)
+        self.autocast = None
+
 def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
     if precision == 'auto':
-        precision = ('bf16' if torch.cuda.is_bf16_supported(including_emulation=False) else 'fp16') if on_gpu else None
-    if precision == 'bf16': return learn.to_bf16()
-    if precision == 'fp16': return learn.to_fp16()
+        precision = ('bf16' if native_bf16('cuda') else 'fp16') if on_gpu else None
+    if precision == 'bf16': return learn.to_bf16() if on_gpu else learn.add_cb(CPUAutocast())
+    if precision == 'fp16':
+        if not on_gpu: raise ValueError("precision='fp16' needs a GPU: on a CPU pass 'bf16' (fast where the CPU "
+                                        "computes bf16 natively: `native_bf16()`) or None.")
+        return learn.to_fp16()
     if precision not in (None, 'fp32'):
         raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16' or None.")
     return learn
