@@ -37,6 +37,7 @@ from fastai.callback.core import Callback
 warnings.filterwarnings('ignore')
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe import ensure_fashion_mnist  # noqa: E402
+from stats import mean_sd  # noqa: E402
 
 ARMS = ('relu', 'mish', 'schedule', 'scratch')
 
@@ -151,10 +152,6 @@ def finetune(arm:str, seed:int, path:Path, source:Path, args) -> dict:
     del learn; torch.set_num_threads(1)
     return r
 
-def msd(xs, scale=1.):
-    xs = [scale*x for x in xs]
-    return f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.:.2f}'
-
 def table(results) -> str:
     lines = ['| arm | accuracy (%) | valid loss | frozen epoch: accuracy (%) | valid loss | seeds | CPU s / run |',
              '|---|---|---|---|---|---|---|']
@@ -162,9 +159,10 @@ def table(results) -> str:
         rs = [r for r in results if r['arm'] == arm]
         if not rs: continue
         frozen = [r for r in rs if 'frozen_accuracy' in r]
-        fa = msd([r['frozen_accuracy'] for r in frozen], 100) if frozen else '—'
-        fl = msd([r['frozen_valid_loss'] for r in frozen]) if frozen else '—'
-        lines.append(f"| {arm} | {msd([r['accuracy'] for r in rs], 100)} | {msd([r['valid_loss'] for r in rs])} | "
+        fa = mean_sd([r['frozen_accuracy'] for r in frozen], 100) if frozen else '—'
+        fl = mean_sd([r['frozen_valid_loss'] for r in frozen]) if frozen else '—'
+        acc, loss = mean_sd([r['accuracy'] for r in rs], 100), mean_sd([r['valid_loss'] for r in rs])
+        lines.append(f"| {arm} | {acc} | {loss} | "
                      f"{fa} | {fl} | {len(rs)} | {statistics.mean(r['cpu_seconds'] for r in rs):.0f} |")
     return '\n'.join(lines)
 

@@ -62,6 +62,7 @@ WARMUP, TIMED = 1, 3  # untimed, then timed batches before each run
 
 # ---------------------------------------------------------------- budget machinery
 from fastai.vision.all import Callback, CancelFitException, CancelValidException  # noqa: E402
+from stats import mean_sd  # noqa: E402
 
 class CPUBudget(Callback):
     "Stop the fit after the batch where `budget` process CPU seconds (counted from the first batch) are spent"
@@ -281,11 +282,6 @@ def claim(args, job) -> bool:
         if args.worker: claims.save(taken + [list(job)])
     return True
 
-def fmt(values, scale=1., digits=3) -> str:
-    values = [scale * v for v in values]
-    sd = statistics.stdev(values) if len(values) > 1 else float('nan')
-    return f'{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}'
-
 def tables(results:list) -> str:
     groups = {}
     for r in results: groups.setdefault((r['task'], float(r['budget_cpu_s']), r['model']), []).append(r)
@@ -302,7 +298,7 @@ def tables(results:list) -> str:
                 ' | steps | s / step | train CPU s | seeds |', '|---:|---|' + '---|' * len(cols[task]) + '---:|' * 4]
         for k in rows:
             rs = groups[k]
-            vals = ' | '.join(fmt([r[f] for r in rs], sc, dg) for _, f, sc, dg in cols[task])
+            vals = ' | '.join(mean_sd([r[f] for r in rs], sc, dg) for _, f, sc, dg in cols[task])
             steps = statistics.mean(r['steps'] for r in rs)
             sps = statistics.mean(r['timed_s_per_step'] for r in rs)
             cpu = statistics.mean(r['train_cpu_s'] for r in rs)

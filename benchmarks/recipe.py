@@ -19,6 +19,7 @@ across configurations so that machine load affects them alike. Prints a markdown
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, time, warnings
 from pathlib import Path
+from stats import mean_sd
 warnings.filterwarnings('ignore')
 
 def ensure_fashion_mnist():
@@ -68,9 +69,8 @@ def table(results, keys, ref):
     for key, rs in groups.items():
         accs = [r['accuracy'] for r in rs]
         ratios = [r['train_seconds']/ref_time[r['seed']] for r in rs if r['seed'] in ref_time]
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.
         ratio = f'{statistics.mean(ratios):.2f}×' if ratios else '—'
-        lines.append(f"| {' | '.join(key)} | {100*statistics.mean(accs):.2f} ± {100*sd:.2f} % | {len(rs)} | "
+        lines.append(f"| {' | '.join(key)} | {mean_sd(accs, 100)} % | {len(rs)} | "
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f} | {ratio} |")
     return '\n'.join(lines)
 
@@ -151,8 +151,7 @@ def budget_study(args):
     print('|---:|---|---|---|---|---:|---:|')
     for (epochs, mix, opt), rs in sorted(groups.items()):
         acc, loss = [100*r['accuracy'] for r in rs], [r['valid_loss'] for r in rs]
-        sd = statistics.stdev(acc) if len(acc) > 1 else 0.
-        print(f"| {epochs} | {mix} | {opt} | {statistics.mean(acc):.1f} ± {sd:.1f} % | {statistics.mean(loss):.3f} | "
+        print(f"| {epochs} | {mix} | {opt} | {mean_sd(acc, digits=1)} % | {statistics.mean(loss):.3f} | "
               f"{len(rs)} | {statistics.mean(r['cpu_seconds'] for r in rs)/2:.0f} |")
 
 if __name__ == '__main__': main()

@@ -28,6 +28,7 @@ from fastai.vision.all import Learner, Adam, RAdam, ranger, set_seed
 from res2netplus.models import res2netplus50
 from res2netplus.segmentation import res2netplus_seg_learner, SegmentationLoss
 from real_data import nuclei_seg_dls
+from stats import mean_sd
 
 RESULTS = Path(__file__).parent/'results'/'seg_heads.json'
 OPTS = {'ranger': ranger, 'adam': Adam, 'radam': RAdam}
@@ -77,8 +78,7 @@ def table(rows:list) -> str:
              '|---|---|---|---|---|---:|---:|---|---:|---:|']
     for (arch, head, variant, opt, sched, ep, lr), rs in sorted(groups.items()):
         d = [r['dice'] for r in rs]
-        sd = f" ± {statistics.stdev(d):.2f}" if len(d) > 1 else ''
-        lines.append(f"| {arch} | {head} | {variant} | {opt} | {sched} | {ep} | {lr:g} | {statistics.mean(d):.2f}{sd} "
+        lines.append(f"| {arch} | {head} | {variant} | {opt} | {sched} | {ep} | {lr:g} | {mean_sd(d)} "
                      f"| {len(d)} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
     return '\n'.join(lines)
 
