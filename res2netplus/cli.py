@@ -5,12 +5,13 @@
 # %% ../nbs/10_cli.ipynb #96b97b83
 from __future__ import annotations
 import argparse, inspect, json, sys
+import torch
 from pathlib import Path
 from fastai.torch_core import num_distrib, rank_distrib
 from .weights import WeightsUnavailableError
-from .learner import read_checkpoint
+from .learner import read_checkpoint, resolve_precision
 from .runs import TrainingDiverged, run_task
-from .tasks import RUN_TASKS, train_detection, run_precision
+from .tasks import RUN_TASKS, train_detection
 from .predict import predict
 # the names' old home: `from res2netplus.cli import overlay` (and the rest) keeps working
 from .tasks import SHAPES, run_config, _stem_in  # noqa: F401
@@ -58,7 +59,7 @@ def train(data=None, task:str='classify', arch:str='res2netplus50', head:str='un
         return train_detection(data, out=out, task=task, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr,
                                pretrained=pretrained, weights=weights, seed=seed, workers=workers, detector=detector,
                                sync_bn=sync_bn, resume_from=_checkpoint, run_info=dict(args=args))
-    run_precision(precision)  # a bad --precision fails before any data is read
+    resolve_precision(precision, torch.cuda.is_available())  # a bad --precision fails before any data is read
     return run_task(RUN_TASKS[task], {**args, 'size': size, 'bs': bs, 'epochs': epochs}, checkpoint=_checkpoint,
                     args=args)
 

@@ -25,8 +25,8 @@ from .augment import Mixer, MIX_CALLBACKS, mix_callback, ProcessSeeded
 
 # %% auto #0
 __all__ = ['RECIPE', 'SHORT_RECIPE', 'BUDGET', 'PRETRAINED_ACTS', 'budget_recipe', 'native_bf16', 'CPUAutocast',
-           'compile_learner', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint', 'RunCheckpoint', 'StopOnNaN',
-           'CheckFiniteInput', 'SaveBestWeights', 'resumable_cbs', 'recipe_phases']
+           'resolve_precision', 'compile_learner', 'res2netplus_learner', 'EpochSeed', 'read_checkpoint',
+           'RunCheckpoint', 'StopOnNaN', 'CheckFiniteInput', 'SaveBestWeights', 'resumable_cbs', 'recipe_phases']
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3,  # long runs
@@ -64,17 +64,21 @@ class CPUAutocast(Callback):
         if self.autocast is not None: self.autocast.__exit__(None, None, None)
         self.autocast = None
 
+def resolve_precision(precision:str|None, on_gpu:bool) -> str|None:
+    """What `precision` means on the device: `'bf16'`, `'fp16'` or None (float32); `'auto'` is bf16 on a GPU that has
+    it, else fp16, and float32 on a CPU. Refused, naming the fix, where it cannot run"""
+    if precision == 'auto': return ('bf16' if native_bf16('cuda') else 'fp16') if on_gpu else None
+    if precision not in ('bf16', 'fp16', 'fp32', None):
+        raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16', 'fp32' or None.")
+    if precision == 'fp16' and not on_gpu:
+        raise ValueError("precision='fp16' needs a GPU: on a CPU use 'bf16' (fast where the CPU computes bf16 "
+                         "natively: `native_bf16()`) or 'fp32'.")
+    return None if precision == 'fp32' else precision
+
 def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
-    if precision == 'auto':
-        precision = ('bf16' if native_bf16('cuda') else 'fp16') if on_gpu else None
+    precision = resolve_precision(precision, on_gpu)
     if precision == 'bf16': return learn.to_bf16() if on_gpu else learn.add_cb(CPUAutocast())
-    if precision == 'fp16':
-        if not on_gpu: raise ValueError("precision='fp16' needs a GPU: on a CPU pass 'bf16' (fast where the CPU "
-                                        "computes bf16 natively: `native_bf16()`) or None.")
-        return learn.to_fp16()
-    if precision not in (None, 'fp32'):
-        raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16' or None.")
-    return learn
+    return learn.to_fp16() if precision == 'fp16' else learn
 
 def _with_mixer(cbs, mix:str|None) -> list:
     """`cbs` as a list, plus the mixing callback of `mix` unless `cbs` already holds one (which `mix`, if not the

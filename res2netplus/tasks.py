@@ -6,7 +6,6 @@
 from __future__ import annotations
 from functools import partial
 from pathlib import Path
-import torch
 from fastai.vision.all import (ImageDataLoaders, DataBlock, ImageBlock, MaskBlock, RandomSplitter, FuncSplitter, Resize,
                                Normalize)
 from .models import Res2Net, variant_row, res2net_factory
@@ -21,8 +20,7 @@ from .runs import RunTask, one_cycle_fit
 from .plots import classification_plots, segmentation_plots, save_figure
 
 # %% auto #0
-__all__ = ['CLASSIFY', 'SHAPES', 'SEGMENT', 'RUN_TASKS', 'image_dataloaders', 'run_config', 'run_precision',
-           'segmentation_dataloaders']
+__all__ = ['CLASSIFY', 'SHAPES', 'SEGMENT', 'RUN_TASKS', 'image_dataloaders', 'run_config', 'segmentation_dataloaders']
 
 # %% ../nbs/09b_tasks.ipynb #ab52d6b9
 def _loader_kw(s) -> dict:
@@ -74,19 +72,10 @@ def _mix(s) -> str|None:
     "--mix, with auto fitted to --epochs (`budget_recipe`)"
     return budget_recipe(s.epochs, 1)['mix'] if s.mix == 'auto' else s.mix
 
-def run_precision(choice:str='auto') -> str|None:
-    """--precision for the learners: `auto` is theirs (bf16 on a GPU that has it, else fp16; float32 on a CPU); `bf16`
-    also autocasts on a CPU"""
-    if choice not in ('auto', 'bf16', 'fp16', 'fp32'):
-        raise ValueError(f"Unknown --precision {choice!r}: use auto, bf16, fp16 or fp32.")
-    if choice == 'fp16' and not torch.cuda.is_available():
-        raise ValueError("--precision fp16 needs a GPU: on a CPU use bf16 or fp32.")
-    return None if choice == 'fp32' else choice
-
 def _recipe_kw(s) -> dict:
     "The recipe learners' settings: trained weights (ImageNet's, or a file) mean a frozen body and fine-tuning"
     return dict(mix=_mix(s), pretrained=s.pretrained or s.weights is not None, weights=s.weights, compile=s.compile,
-                precision=run_precision(getattr(s, 'precision', 'auto')))
+                precision=getattr(s, 'precision', 'auto'))  # runs from before --precision lack it
 
 def _recipe_summary(s) -> dict:
     return dict(arch=s.arch, mix=_mix(s) or 'none', frozen_epochs=1 if s.pretrained or s.weights is not None else 0)
