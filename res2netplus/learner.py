@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, check_finite, resolve_arch, RES2NET_FACTORIES
-from .weights import read_weights, is_v1b_state_dict
+from .weights import is_v1b_state_dict, backbone_weights
 from .act_schedule import MishSchedule, replace_modules, is_mish
 from .augment import Mixer, MIX_CALLBACKS, mix_callback, ProcessSeeded
 
@@ -114,12 +114,13 @@ def compile_learner(learn:Learner, **kwargs) -> Learner:
 # %% ../nbs/05_learner.ipynb #0d7679df
 PRETRAINED_ACTS = ('schedule', 'relu', 'mish')
 
+def _is_res2net(arch) -> bool: return getattr(resolve_arch(arch), '__name__', None) in RES2NET_FACTORIES
+
 def _relu_trained(arch, pretrained:bool, weights) -> bool:
     "Whether the Plus variant `arch` gets ReLU-trained weights: its ImageNet ones (Res2Net-v1b's) or a v1b file"
-    name = getattr(resolve_arch(arch), '__name__', None)
-    if not (pretrained and name in RES2NET_FACTORIES and 'plus' in name): return False
+    if not (pretrained and _is_res2net(arch) and 'plus' in resolve_arch(arch).__name__): return False
     if weights is None or (isinstance(weights, str) and weights.upper() == 'DEFAULT'): return True
-    return is_v1b_state_dict(read_weights(weights))
+    return is_v1b_state_dict(weights.state_dict)  # `BackboneWeights`
 
 def _set_pretrained_act(learn:Learner, act:str) -> Learner:
     "Mish after ReLU-trained weights: ramped in (`'schedule'`), replaced by ReLU (`'relu'`) or at once (`'mish'`)"
@@ -149,7 +150,8 @@ def res2netplus_learner(dls, arch=res2netplus50, mix:str|None='auto', pretrained
         raise ValueError(f"pretrained_act must be 'schedule', 'relu' or 'mish', got {pretrained_act!r}.")
     # trained weights (a file) are used as pretrained ones are: ImageNet statistics, a frozen body, fine-tuning
     pretrained = pretrained or weights is not None
-    if weights is not None: kwargs['weights'] = weights
+    if weights is not None:  # a Res2Net's file is read once, its classifier (which fastai cuts off) any size
+        kwargs['weights'] = weights = backbone_weights(weights) if _is_res2net(arch) else weights
     single_label = isinstance(dls.loss_func, CrossEntropyLossFlat)
     if loss_func is None and single_label and label_smoothing:
         loss_func = LabelSmoothingCrossEntropyFlat(eps=label_smoothing)

@@ -22,7 +22,7 @@ from .checks import check_finite, check_images, CheckedSequential
 from .layers import Bottle2neck, res2net_stage
 from .timm_api import TimmModelMixin, global_pool_head
 from .fast.blocks import FastBottle2neck, ConvActNorm, MaxPool2d
-from .weights import load_weights, read_weights, fetch_imagenet_weights, fit_state_dict
+from .weights import load_weights, read_weights, fetch_imagenet_weights, fit_state_dict, BackboneWeights
 _all_ = ['check_finite', 'check_images', 'CheckedSequential']  # still exported here, where they were defined
 
 # %% auto #0
@@ -182,7 +182,9 @@ def _cfg(name:str) -> dict:
 def _build_res2net(variant:str, weights, imagenet:str|None, cache_dir, **kwargs) -> Res2Net:
     "The network, with a `weights` file or the `imagenet` checkpoint loaded before timm wraps it (`features_only`)"
     model = Res2Net(**{**variant_row(variant)['arch'], **kwargs})
-    if weights is not None: load_weights(model, read_weights(weights), source=f'weights file {weights}', name=variant)
+    if weights is not None:
+        sd = weights.fitted_to(model) if isinstance(weights, BackboneWeights) else read_weights(weights)
+        load_weights(model, sd, source=f'weights file {weights}', name=variant)
     elif imagenet:
         load_weights(model, fetch_imagenet_weights(imagenet, cache_dir), source=f"{imagenet} ImageNet weights")
     return model

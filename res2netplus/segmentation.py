@@ -22,6 +22,7 @@ from fastai.vision.learner import create_body, model_meta, _add_norm, _default_m
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, res2net_split, check_images
 from .models import resolve_arch, res2net_factory, create_res2net_from_arch
+from .weights import backbone_weights
 from .learner import RECIPE, SHORT_RECIPE, _with_mixer, _accelerate, _UNET_NOT_COMPILABLE
 from .distributed import ProcessShare
 
@@ -215,7 +216,7 @@ def create_seg_model(arch, n_out:int, head:str='unet', img_size=(64, 64), pretra
     if not (isinstance(n_out, int) and n_out >= 1):
         raise ValueError(f"n_out must be the number of classes (an integer >= 1), got {n_out!r}.")
     arch = res2net_factory(arch)
-    model = create_res2net_from_arch(arch, pretrained=pretrained, weights=weights,
+    model = create_res2net_from_arch(arch, pretrained=pretrained, weights=backbone_weights(weights),  # any classifier
                                      output_stride=output_stride or DEFAULT_OUTPUT_STRIDE[head])
     body = create_body(model, n_in, pretrained, cut=model_meta.get(arch, _default_meta)['cut'] or -4)
     if head == 'unet': return DynamicUnet(body, n_out, tuple(img_size), **head_kwargs)

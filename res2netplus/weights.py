@@ -17,7 +17,7 @@ from .layers import Bottle2neck
 # %% auto #0
 __all__ = ['V1B_STEM', 'IMAGENET_CLASSES', 'read_weights', 'hub_reachable', 'hub_offline', 'WeightsUnavailableError',
            'fetch_imagenet_weights', 'fold_bn', 'identity_bn_state', 'is_v1b_state_dict', 'transfer_v1b_to_plus',
-           'first_conv_name', 'load_weights', 'fit_state_dict']
+           'first_conv_name', 'load_weights', 'fit_state_dict', 'BackboneWeights', 'backbone_weights']
 
 # %% ../nbs/01_weights.ipynb #16313816
 def read_weights(path, sha256:str|None=None) -> dict:
@@ -201,3 +201,19 @@ def fit_state_dict(state_dict:dict, model:nn.Module) -> dict:
     source = next((f"the weights of {k} {cfg[k]}" for k in ('hf_hub_id', 'file') if cfg.get(k)), 'the state_dict')
     load_weights(model, sd, source=source)
     return model.state_dict()
+
+# %% ../nbs/01_weights.ipynb #9f8b22a7
+class BackboneWeights:
+    """A weights file for a model whose classifier is cut off (a fastai learner's or a segmentation model's body), read
+    once: a classifier of any number of classes gives way to the model's own"""
+    def __init__(self, path): self.path, self.state_dict = path, read_weights(path)
+    def __str__(self): return str(self.path)
+    def fitted_to(self, model:nn.Module) -> dict:
+        "The file's state dict with `model`'s classifier (kept as built) in place of the file's"
+        target = model.state_dict()
+        return {**self.state_dict, **{k: target[k] for k in ('fc.weight', 'fc.bias') if k in target}}
+
+def backbone_weights(weights):
+    "`weights` (a path) as `BackboneWeights`; None and `'DEFAULT'` (ImageNet's) as they are"
+    if weights is None or isinstance(weights, BackboneWeights): return weights
+    return weights if isinstance(weights, str) and weights.upper() == 'DEFAULT' else BackboneWeights(weights)

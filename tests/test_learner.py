@@ -52,6 +52,27 @@ def test_a_weights_file_is_fine_tuned_like_pretrained_weights(dls, tmp_path):
     assert not any(p.requires_grad for p in learn.splitter(learn.model)[1] if p.ndim > 1)
     assert any(type(t).__name__ == 'Normalize' for t in learn.dls.after_batch.fs)
 
+def test_a_file_fine_tuned_on_another_task_starts_a_learner_read_once(dls, seg_dls, tmp_path, monkeypatch):
+    "A v1b file with 7 classes: the learners cut its classifier off, so any size loads; the bare model still refuses"
+    import res2netplus.weights
+    from res2netplus.models import res2netplus50
+    from res2netplus.segmentation import res2netplus_seg_learner
+    from res2netplus.weights import transfer_v1b_to_plus
+    source = res2net50d(n_out=7)
+    safetensors.torch.save_file(source.state_dict(), tmp_path/'task7.safetensors')
+    reads = []
+    read = res2netplus.weights.read_weights
+    monkeypatch.setattr(res2netplus.weights, 'read_weights', lambda *a, **kw: reads.append(a) or read(*a, **kw))
+    learn = res2netplus_learner(dls, 'res2netplus50', weights=tmp_path/'task7.safetensors', pretrained_act='relu')
+    assert len(reads) == 1 and learn.model[1][-1].out_features == 2  # pretrained_act read the same copy
+    plus = res2netplus50()
+    expected = transfer_v1b_to_plus(source.state_dict(), plus)
+    torch.testing.assert_close(learn.model[0][0][0].weight, expected['stem1.0.weight'])  # the body is the file's
+    seg = res2netplus_seg_learner(seg_dls, 'res2netplus50', head='fpn', weights=tmp_path/'task7.safetensors')
+    torch.testing.assert_close(seg.model.body[0][0].weight, expected['stem1.0.weight'])
+    with pytest.raises(ValueError, match=r'(?s)fc.weight \(7, 2048\) vs \(1000, 2048\).*n_out= its number of classes'):
+        res2netplus50(weights=tmp_path/'task7.safetensors')  # here the classifier is kept: its size must fit
+
 def test_a_mixer_in_cbs_and_another_named_by_mix_are_refused(dls):
     "mix='mixup' beside cbs=[CutMix()] trained with CutMix alone, silently; the default mix gives way to the user's"
     with pytest.raises(ValueError, match=r"mix='mixup' asks for MixUp, but cbs already hold CutMix"):
