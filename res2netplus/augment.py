@@ -14,7 +14,8 @@ from fastai.vision.all import Callback, ItemTransform, NoneReduce, PILImage, PIL
 
 # %% auto #0
 __all__ = ['MIX_CALLBACKS', 'BOX_PARAMS', 'FLOAT_OUTPUT_AUGS', 'mixup_images', 'cutmix_boxes', 'cutmix_images', 'Mixer', 'MixUp',
-           'CutMix', 'MixUpCutMix', 'mix_callback', 'ProcessSeeded', 'AlbumentationsTransform', 'res2netplus_augs']
+           'CutMix', 'MixUpCutMix', 'mix_callback', 'ProcessSeeded', 'AlbumentationsTransform', 'res2netplus_augs',
+           'flip_augs']
 
 # %% ../nbs/04_augment.ipynb #0e0e315b
 def mixup_images(x, perm, lam):
@@ -268,3 +269,8 @@ def res2netplus_augs(size:int, scale=(0.35, 1.), hflip:bool=True, fill_mask:int=
                       A.Affine(translate_percent=(-0.0625, 0.0625), rotate=(-10, 10), fill_mask=fill_mask, p=0.5),
                       A.RandomBrightnessContrast(0.2, 0.2, p=0.3)],
                      bbox_params=A.BboxParams(**BOX_PARAMS))
+
+# %% ../nbs/04_augment.ipynb #f5fb70b6
+def flip_augs() -> A.Compose:
+    "Horizontal flips alone, for short runs (`budget_recipe`); pair it with `Resize(size)`"
+    return A.Compose([A.HorizontalFlip(p=0.5)], bbox_params=A.BboxParams(**BOX_PARAMS))

@@ -30,18 +30,18 @@ __all__ = ['RECIPE', 'SHORT_RECIPE', 'BUDGET', 'PRETRAINED_ACTS', 'budget_recipe
 
 # %% ../nbs/05_learner.ipynb #ff088874
 RECIPE = dict(mix='cutmix', label_smoothing=0.1, opt_func=ranger, schedule='fit_flat_cos', lr=4e-3,  # long runs
-              crop_scale=(0.35, 1.))
-SHORT_RECIPE = dict(mix=None, opt_func=Adam, schedule='fit_one_cycle', lr=3e-3, crop_scale=(0.8, 1.))  # short runs
-BUDGET = dict(mix_epochs=40, crop_epochs=40, ranger_steps=1000)  # where mixing, strong crops, ranger pay: see the docs
+              augment='full')
+SHORT_RECIPE = dict(mix=None, opt_func=Adam, schedule='fit_one_cycle', lr=3e-3, augment='flip')  # short runs
+BUDGET = dict(mix_epochs=40, augment_epochs=40, ranger_steps=1000)  # where mixing, augmenting, ranger pay: see the docs
 
 def budget_recipe(epochs:int|None, steps_per_epoch:int) -> dict:
-    """The recipe for `epochs` of `steps_per_epoch` (None: a long run): mixing from `BUDGET['mix_epochs']`, strong
-    random crops (`crop_scale`, for `res2netplus_augs`) from `BUDGET['crop_epochs']`, ranger from
-    `BUDGET['ranger_steps']`"""
+    """The recipe for `epochs` of `steps_per_epoch` (None: a long run): mixing from `BUDGET['mix_epochs']`, the
+    full augmentation (`augment`: 'full' is `res2netplus_augs`, 'flip' `flip_augs`) from `BUDGET['augment_epochs']`,
+    ranger from `BUDGET['ranger_steps']`"""
     long = epochs is None
     optimizer = RECIPE if long or epochs*steps_per_epoch >= BUDGET['ranger_steps'] else SHORT_RECIPE
     return dict(mix=RECIPE['mix'] if long or epochs >= BUDGET['mix_epochs'] else None,
-                crop_scale=(RECIPE if long or epochs >= BUDGET['crop_epochs'] else SHORT_RECIPE)['crop_scale'],
+                augment=(RECIPE if long or epochs >= BUDGET['augment_epochs'] else SHORT_RECIPE)['augment'],
                 opt_func=optimizer['opt_func'], schedule=optimizer['schedule'], lr=optimizer['lr'])
 
 def native_bf16(device='cpu') -> bool:

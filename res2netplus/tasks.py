@@ -9,7 +9,7 @@ from pathlib import Path
 from fastai.vision.all import (ImageDataLoaders, DataBlock, ImageBlock, MaskBlock, RandomSplitter, FuncSplitter, Resize,
                                Normalize)
 from .models import Res2Net, variant_row, res2net_factory
-from .augment import AlbumentationsTransform, res2netplus_augs, mix_callback
+from .augment import AlbumentationsTransform, res2netplus_augs, flip_augs, mix_callback
 from .data import (check_image_folder, check_image_csv, check_segmentation_folder, read_valid_stems,
                               image_files, MaskFromImage, fashion_mnist_sample, BUNDLED_FASHION_MNIST, make_shapes,
                               default_cache_dir)
@@ -33,8 +33,9 @@ def _enough_for_a_batch(dls, bs:int):
     return dls
 
 def image_dataloaders(path:Path, s) -> tuple:
-    "Folder tree or CSV → DataLoaders with the recommended training augmentation; also the class names"
-    augs = res2netplus_augs(s.size, scale=budget_recipe(s.epochs, 1)['crop_scale'])  # milder crops in short runs
+    "Folder tree or CSV → DataLoaders augmented as the run's length calls for; also the class names"
+    # short runs train best on flips alone, long ones on the full augmentation (`budget_recipe`)
+    augs = res2netplus_augs(s.size) if budget_recipe(s.epochs, 1)['augment'] == 'full' else flip_augs()
     kw = dict(item_tfms=[AlbumentationsTransform(augs), Resize(s.size)], bs=s.bs, seed=s.seed, **_loader_kw(s))
     if path.is_file():
         df = check_image_csv(path, decode=True)

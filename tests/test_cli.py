@@ -100,8 +100,7 @@ def test_the_main_job_settings(monkeypatch, tmp_path):
     from res2netplus.learner import budget_recipe
     from res2netplus.data import BUNDLED_FASHION_MNIST
     plan = budget_recipe(3, BUNDLED_FASHION_MNIST['n_train']//64)
-    assert (plan['mix'], plan['opt_func'], plan['schedule'], plan['crop_scale']) == (None, Adam, 'fit_one_cycle',
-                                                                                     (0.8, 1.))
+    assert (plan['mix'], plan['opt_func'], plan['schedule'], plan['augment']) == (None, Adam, 'fit_one_cycle', 'flip')
 
 @pytest.mark.parametrize('problem,message', [('unreadable', 'unreadable or damaged image(s)'),
                                              ('csv_missing_file', 'do not exist'), ('bad_mix', 'Unknown mix'),
@@ -263,15 +262,17 @@ def test_names_moved_out_of_the_cli_still_import_from_it():
     assert cli.TrainingDiverged is res2netplus.runs.TrainingDiverged and cli._stem_in is res2netplus.tasks._stem_in
     assert cli.TASKS == ('classify', 'segment', 'detect', 'instance')
 
-@pytest.mark.parametrize('epochs,scale', [(3, (0.8, 1.)), (40, (0.35, 1.))])
-def test_classify_crops_follow_the_run_length(image_folder, epochs, scale):
-    "`res2netplus train`'s loaders crop mildly in short runs and strongly from BUDGET['crop_epochs'] (budget_recipe)"
-    import albumentations as A
+@pytest.mark.parametrize('epochs,kinds', [(3, ['HorizontalFlip']), (40, ['RandomResizedCrop', 'HorizontalFlip',
+                                                                          'Affine', 'RandomBrightnessContrast'])])
+def test_classify_augmentation_follows_the_run_length(image_folder, epochs, kinds):
+    "`res2netplus train`'s loaders flip alone in short runs and augment fully from BUDGET['augment_epochs']"
     from types import SimpleNamespace
     from res2netplus.augment import AlbumentationsTransform
+    from res2netplus.learner import BUDGET
     from res2netplus.tasks import image_dataloaders
+    assert BUDGET['augment_epochs'] == 40
     s = SimpleNamespace(size=32, bs=4, seed=0, workers=0, epochs=epochs)
     dls, _ = image_dataloaders(image_folder, s)
     augs = next(t for t in dls.train.after_item.fs if isinstance(t, AlbumentationsTransform)).augs
-    crop = next(t for t in augs.transforms if isinstance(t, A.RandomResizedCrop))
-    assert tuple(crop.scale) == scale
+    assert [type(t).__name__ for t in augs.transforms] == kinds
+    assert dls.one_batch()[0].shape == (4, 3, 32, 32)
