@@ -167,7 +167,8 @@ def cls_learner(dls, model:str):
     import fastai.vision.all as fv
     from res2netplus.learner import res2netplus_learner
     from res2netplus.models import res2netplus50
-    if model == 'res2netplus50': return res2netplus_learner(dls, res2netplus50, mix=None, opt_func=fv.Adam)
+    if model == 'res2netplus50':  # float32, as the peers: the comparison is of networks, not precisions
+        return res2netplus_learner(dls, res2netplus50, mix=None, opt_func=fv.Adam, precision='fp32')
     arch = {'xresnet50': fv.xresnet50, 'res2net50d': 'res2net50d', 'resnet50': fv.resnet50}[model]
     return fv.vision_learner(dls, arch, pretrained=False, opt_func=fv.Adam, metrics=fv.accuracy,
                              loss_func=fv.LabelSmoothingCrossEntropyFlat(eps=SETTINGS['cls']['label_smoothing']))

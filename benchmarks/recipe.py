@@ -48,7 +48,8 @@ def run(path, arch, mix, opt, seed, args, epochs=None):
                                           item_tfms=item_tfms)
     opt_name, schedule, lr = OPTIMIZERS[opt]
     factory = RES2NET_FACTORIES.get(arch) or getattr(fv, arch)
-    learn = rl.res2netplus_learner(dls, factory, mix=None if mix == 'none' else mix, opt_func=getattr(fv, opt_name))
+    learn = rl.res2netplus_learner(dls, factory, mix=None if mix == 'none' else mix, opt_func=getattr(fv, opt_name),
+                                   precision='fp32')  # every network alike, whatever the CPU
     epochs = epochs or args.epochs
     start, cpu = time.perf_counter(), time.process_time()
     with learn.no_bar(), learn.no_logging():

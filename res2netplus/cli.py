@@ -93,8 +93,8 @@ _TRAIN_HELP = dict(
     sync_bn='with --distributed on GPUs: BatchNorm over the global batch (SyncBatchNorm)',
     compile='classify, segment (fpn, deeplabv3plus heads): torch.compile the model before training, for GPUs '
             '(1.25× the eager throughput on an H100, after minutes of compiling)',
-    precision='classify, segment: auto (GPU: bf16 where supported, else fp16; CPU: fp32), bf16 (also on a CPU: '
-              'autocast), fp16 (GPU) or fp32')
+    precision='classify, segment: auto (GPU: bf16 where supported, else fp16; CPU: classify bf16 where the CPU '
+              'computes it natively, else fp32), bf16 (also on a CPU: autocast), fp16 (GPU) or fp32')
 
 _TRAIN_TYPES = dict(size=int, bs=int, epochs=int, lr=float, seed=int, workers=int, output_stride=int)
 

@@ -51,23 +51,33 @@ def native_bf16(device='cpu') -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 class CPUAutocast(Callback):
-    "bf16 autocast on a CPU, for training and validation (fastai's `MixedPrecision` autocasts CUDA only)"
+    """bf16 autocast on a CPU while the learner fits, validation included (fastai's `MixedPrecision` autocasts CUDA
+    only); predictions outside a fit, an exported learner's among them, stay float32, as fastai's `load_learner` makes
+    its own mixed precision"""
     order = 10  # fastai's MixedPrecision's place
-    autocast = None
+    autocast, fitting = None, False
+    def before_fit(self): self.fitting = False  # get_preds fires before_fit too, but never before_train
+    def before_train(self): self.fitting = True
+    def after_fit(self): self.fitting = False
     def before_batch(self):
+        if not self.fitting: return
         self.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
         self.autocast.__enter__()
-    def after_pred(self): self.learn.pred = to_float(self.pred)
+    def after_pred(self):
+        if self.autocast is not None: self.learn.pred = to_float(self.pred)
     def after_loss(self): self._leave()
     def after_batch(self): self._leave()  # a batch without targets, or a cancelled one, skips after_loss
     def _leave(self):
         if self.autocast is not None: self.autocast.__exit__(None, None, None)
         self.autocast = None
 
-def resolve_precision(precision:str|None, on_gpu:bool) -> str|None:
+def resolve_precision(precision:str|None, on_gpu:bool, cpu_bf16:bool=True) -> str|None:
     """What `precision` means on the device: `'bf16'`, `'fp16'` or None (float32); `'auto'` is bf16 on a GPU that has
-    it, else fp16, and float32 on a CPU. Refused, naming the fix, where it cannot run"""
-    if precision == 'auto': return ('bf16' if native_bf16('cuda') else 'fp16') if on_gpu else None
+    it, else fp16, and on a CPU bf16 where it computes bf16 natively and `cpu_bf16` (measured faster), else float32.
+    Refused, naming the fix, where it cannot run"""
+    if precision == 'auto':
+        if on_gpu: return 'bf16' if native_bf16('cuda') else 'fp16'
+        return 'bf16' if cpu_bf16 and native_bf16() else None
     if precision not in ('bf16', 'fp16', 'fp32', None):
         raise ValueError(f"Unknown precision {precision!r}: use 'auto', 'bf16', 'fp16', 'fp32' or None.")
     if precision == 'fp16' and not on_gpu:
@@ -75,8 +85,8 @@ def resolve_precision(precision:str|None, on_gpu:bool) -> str|None:
                          "natively: `native_bf16()`) or 'fp32'.")
     return None if precision == 'fp32' else precision
 
-def _precision(learn:Learner, precision:str|None, on_gpu:bool) -> Learner:
-    precision = resolve_precision(precision, on_gpu)
+def _precision(learn:Learner, precision:str|None, on_gpu:bool, cpu_bf16:bool=True) -> Learner:
+    precision = resolve_precision(precision, on_gpu, cpu_bf16)
     if precision == 'bf16': return learn.to_bf16() if on_gpu else learn.add_cb(CPUAutocast())
     return learn.to_fp16() if precision == 'fp16' else learn
 
@@ -130,13 +140,14 @@ def _set_pretrained_act(learn:Learner, act:str) -> Learner:
 
 # %% ../nbs/05_learner.ipynb #59c915cf
 def _accelerate(learn:Learner, precision:str|None, channels_last:bool|None, cpu_channels_last:bool=True,
-                compile:bool=False) -> Learner:
-    """Mixed precision on a GPU (or as asked); channels_last on a GPU, on a CPU when `cpu_channels_last` (measured
-    faster), or as asked; `compile`: torch.compile"""
+                compile:bool=False, cpu_bf16:bool=True) -> Learner:
+    """Mixed precision on a GPU, on a CPU with native bf16 when `cpu_bf16` (measured faster), or as asked;
+    channels_last on a GPU, on a CPU when `cpu_channels_last` (measured faster), or as asked; `compile`:
+    torch.compile"""
     on_gpu = torch.device(learn.dls.device or 'cpu').type == 'cuda'
     if channels_last or (channels_last is None and (on_gpu or cpu_channels_last)): learn.add_cb(ChannelsLast())
     if compile: compile_learner(learn)
-    return _precision(learn, precision, on_gpu)
+    return _precision(learn, precision, on_gpu, cpu_bf16)
 
 def res2netplus_learner(dls, arch=res2netplus50, mix:str|None='auto', pretrained:bool=False, weights=None,
                         loss_func=None, opt_func=None, metrics=None, cbs=None,
