@@ -130,7 +130,11 @@ def data_parallel(self:Learner, sync_bn:bool=False, **kwargs):
     writers = [cb for cb in self.cbs if isinstance(cb, (ProgressCallback, CSVLogger))] if rank_distrib() else []
     self.remove_cbs(writers)
     self.add_cb(trainer)
-    try: yield self
+    try:
+        yield self
+        # the processes leave together: one that exits while another still talks to it aborts ("terminate called
+        # without an active exception", seen with bf16 autocast on a CPU)
+        torch.distributed.barrier()
     finally:
         self.remove_cb(trainer)
         self.add_cbs(writers)
