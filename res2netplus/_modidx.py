@@ -1162,6 +1162,7 @@ d = { 'settings': { 'branch': 'main',
                                      'res2netplus.weights.identity_bn_state': ('weights.html#identity_bn_state', 'res2netplus/weights.py'),
                                      'res2netplus.weights.is_v1b_state_dict': ('weights.html#is_v1b_state_dict', 'res2netplus/weights.py'),
                                      'res2netplus.weights.load_weights': ('weights.html#load_weights', 'res2netplus/weights.py'),
+                                     'res2netplus.weights.names_imagenet': ('weights.html#names_imagenet', 'res2netplus/weights.py'),
                                      'res2netplus.weights.read_weights': ('weights.html#read_weights', 'res2netplus/weights.py'),
                                      'res2netplus.weights.transfer_v1b_to_plus': ( 'weights.html#transfer_v1b_to_plus',
                                                                                    'res2netplus/weights.py')}}}

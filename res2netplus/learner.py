@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastai.distributed import DistributedDL
 from fastai.vision.models.unet import DynamicUnet
 from .models import res2netplus50, check_finite, resolve_arch, RES2NET_FACTORIES
-from .weights import is_v1b_state_dict, backbone_weights
+from .weights import is_v1b_state_dict, backbone_weights, names_imagenet
 from .act_schedule import MishSchedule, replace_modules, is_mish
 from .augment import Mixer, MIX_CALLBACKS, mix_callback, ProcessSeeded
 
@@ -129,7 +129,7 @@ def _is_res2net(arch) -> bool: return getattr(resolve_arch(arch), '__name__', No
 def _relu_trained(arch, pretrained:bool, weights) -> bool:
     "Whether the Plus variant `arch` gets ReLU-trained weights: its ImageNet ones (Res2Net-v1b's) or a v1b file"
     if not (pretrained and _is_res2net(arch) and 'plus' in resolve_arch(arch).__name__): return False
-    if weights is None or (isinstance(weights, str) and weights.upper() == 'DEFAULT'): return True
+    if weights is None or names_imagenet(weights): return True
     return is_v1b_state_dict(weights.state_dict)  # `BackboneWeights`
 
 def _set_pretrained_act(learn:Learner, act:str) -> Learner:

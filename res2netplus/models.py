@@ -22,7 +22,8 @@ from .checks import check_finite, check_images, CheckedSequential
 from .layers import Bottle2neck, res2net_stage
 from .timm_api import TimmModelMixin, global_pool_head
 from .fast.blocks import FastBottle2neck, ConvActNorm, MaxPool2d
-from .weights import load_weights, read_weights, fetch_imagenet_weights, fit_state_dict, BackboneWeights
+from .weights import (load_weights, read_weights, fetch_imagenet_weights, fit_state_dict, BackboneWeights,
+                                 names_imagenet)
 _all_ = ['check_finite', 'check_images', 'CheckedSequential']  # still exported here, where they were defined
 
 # %% auto #0
@@ -199,7 +200,7 @@ def create_res2net(variant:str, pretrained:bool=False, weights=None, n_out:int=1
     """Build `variant` (kwargs override its settings) with ImageNet weights (`pretrained`), a local file (`weights`), or
     the weights timm's `pretrained_cfg` names (`local-dir:`/`hf-hub:` models, an overlay's `file` or `state_dict`)"""
     row = variant_row(variant)
-    if isinstance(weights, str) and weights.upper() == 'DEFAULT': pretrained, weights = True, None
+    if names_imagenet(weights): pretrained, weights = True, None
     if weights is not None and weights == (kwargs.get('pretrained_model_args') or {}).get('weights'):
         weights = None  # the path a saved model's config recorded: the saved weights are the model's
     default = _cfg(variant)

@@ -16,7 +16,7 @@ from fastai.callback.progress import CSVLogger
 from fastai.torch_core import set_seed, num_distrib, rank_distrib
 from .learner import RECIPE, SaveBestWeights, StopOnNaN, resumable_cbs
 from .distributed import is_main_process, main_process_first, alone
-from .weights import read_weights
+from .weights import read_weights, names_imagenet
 from .plots import save_loss_plot
 
 # %% auto #0
@@ -64,7 +64,7 @@ def check_run(s:SimpleNamespace):
 # %% ../nbs/09_runs.ipynb #695ff7a9
 def continued_state(weights, model_keys:tuple) -> dict|None:
     "The state dict in `weights` if it is a whole model of the task (an earlier run's `model.safetensors`), else None"
-    if not model_keys or weights is None or str(weights) == 'DEFAULT': return None
+    if not model_keys or weights is None or names_imagenet(weights): return None
     state = read_weights(weights)
     return state if state and all(k.split('.')[0] in model_keys for k in state) else None
 

@@ -17,7 +17,7 @@ from .layers import Bottle2neck
 # %% auto #0
 __all__ = ['V1B_STEM', 'IMAGENET_CLASSES', 'read_weights', 'hub_reachable', 'hub_offline', 'WeightsUnavailableError',
            'fetch_imagenet_weights', 'fold_bn', 'identity_bn_state', 'is_v1b_state_dict', 'transfer_v1b_to_plus',
-           'first_conv_name', 'load_weights', 'fit_state_dict', 'BackboneWeights', 'backbone_weights']
+           'first_conv_name', 'load_weights', 'fit_state_dict', 'BackboneWeights', 'names_imagenet', 'backbone_weights']
 
 # %% ../nbs/01_weights.ipynb #16313816
 def read_weights(path, sha256:str|None=None) -> dict:
@@ -213,7 +213,11 @@ class BackboneWeights:
         target = model.state_dict()
         return {**self.state_dict, **{k: target[k] for k in ('fc.weight', 'fc.bias') if k in target}}
 
+def names_imagenet(weights) -> bool:
+    "Whether `weights=` is torchvision's `'DEFAULT'` (any case): the variant's ImageNet weights, not a file"
+    return isinstance(weights, str) and weights.upper() == 'DEFAULT'
+
 def backbone_weights(weights):
     "`weights` (a path) as `BackboneWeights`; None and `'DEFAULT'` (ImageNet's) as they are"
-    if weights is None or isinstance(weights, BackboneWeights): return weights
-    return weights if isinstance(weights, str) and weights.upper() == 'DEFAULT' else BackboneWeights(weights)
+    if weights is None or isinstance(weights, BackboneWeights) or names_imagenet(weights): return weights
+    return BackboneWeights(weights)

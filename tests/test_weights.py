@@ -160,3 +160,11 @@ def test_weights_of_the_wrong_type_name_the_fix(tmp_path):
             res2netplus50(weights=wrong)
     safetensors.torch.save_file(res2net50d(layers=(1, 1, 1, 1)).state_dict(), tmp_path/'w.safetensors')
     with pytest.raises(ValueError, match='hex digest'): read_weights(tmp_path/'w.safetensors', sha256='')
+
+def test_default_names_the_imagenet_weights_in_any_case_and_a_path_never():
+    "torchvision's weights='DEFAULT': the model factories, the learners and a continued run read it alike"
+    from pathlib import Path
+    from res2netplus.weights import names_imagenet, backbone_weights
+    assert [names_imagenet(w) for w in ('DEFAULT', 'default', Path('DEFAULT'), 'w.safetensors', None)] == [
+        True, True, False, False, False]
+    assert backbone_weights('default') == 'default' and backbone_weights(None) is None
