@@ -11,9 +11,8 @@ its own transfer on one CPU thread (`torch.set_num_threads(1)`; budgets are proc
   Research, MIT licence; read from the Debian package `dataset-fashion-mnist`, /usr/share/datasets/fashion-mnist,
   installed when missing and allowed) at 32 px, grey repeated to 3 channels, ImageNet normalisation, batch 64, AdamW
   with a one-cycle schedule, for `--pretrain-cpu` CPU seconds (default 240). Its accuracy on 2,000 Fashion-MNIST
-  test images is recorded. The state dict is cached (`$RES2NETPLUS_HOME/mish_transfer/`) so reruns skip this; its
-  classifier is saved in the 1,000-row shape of an ImageNet checkpoint, which `res2netplus_learner(weights=)`
-  expects and replaces by a fresh head.
+  test images is recorded. The state dict is cached (`$RES2NETPLUS_HOME/mish_transfer/`) so reruns skip this;
+  `res2netplus_learner(weights=)` replaces its 10-class classifier by a fresh head.
 * **Target**: scikit-learn's bundled `load_digits`: 1,797 real handwritten digits, 8x8 px, 16 grey levels (the UCI
   "Optical Recognition of Handwritten Digits" test set, E. Alpaydin and C. Kaynak 1998; CC BY 4.0 at UCI; shipped
   inside scikit-learn, BSD-3-Clause), upscaled to 32 px (bilinear), 3 channels. Split once (seed 0, class-balanced):
@@ -89,11 +88,8 @@ def pretrain(args) -> Path:
     xt, yt = fashion_tensors(data['test'][:2000], args.size), torch.from_numpy(data['test_labels'][:2000]).long()
     with torch.no_grad(): acc = sum((model(xt[i:i+250]).argmax(1) == yt[i:i+250]).sum().item()
                                     for i in range(0, 2000, 250)) / 2000
-    sd = model.state_dict()
-    for k in ('fc.weight', 'fc.bias'):  # the shape of an ImageNet classifier, which the learner replaces
-        full = torch.zeros(1000, *sd[k].shape[1:]); full[:10] = sd[k]; sd[k] = full
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, out)
+    torch.save(model.state_dict(), out)
     info.write_text(json.dumps(dict(steps=n_steps + 3, batch=bs, images=(n_steps + 3)*bs, cpu_seconds=cpu,
                                     fmnist_test_accuracy=acc, size=args.size)))
     print(f'pretrained res2net50d: {n_steps + 3} steps in {cpu:.0f} CPU s, Fashion-MNIST test accuracy {acc:.4f}')
