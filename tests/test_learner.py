@@ -124,3 +124,13 @@ def test_save_best_weights_skips_an_epoch_without_its_metric(tmp_path):
     with pytest.warns(UserWarning, match='no box_AP this epoch'), learn.no_bar(), learn.no_logging():
         learn.fit(2, 0.01, cbs=SaveBestWeights(monitor='box_AP'))
     assert not (tmp_path/'best.safetensors').exists()
+
+def test_cpu_auto_precision_is_bf16_for_classification_only_where_native(dls, seg_dls):
+    "precision='auto' on a CPU: bf16 for res2netplus_learner where native, float32 for segmentation (unmeasured)"
+    from res2netplus.learner import CPUAutocast, native_bf16
+    from res2netplus.segmentation import res2netplus_seg_learner
+    if torch.cuda.is_available(): pytest.skip('the CPU default')
+    def autocasts(learn): return sum(isinstance(cb, CPUAutocast) for cb in learn.cbs)
+    assert autocasts(res2netplus_learner(dls, 'res2netplus50', mix=None)) == int(native_bf16())
+    assert autocasts(res2netplus_seg_learner(seg_dls, 'res2netplus50', head='fpn')) == 0
+    assert autocasts(res2netplus_seg_learner(seg_dls, 'res2netplus50', head='fpn', precision='bf16')) == 1
